@@ -1,0 +1,19 @@
+"""normbench: normalization layers x batch size x placement, reproducing Group Normalization.
+
+The library needs no Hydra. The pieces, from plain arguments::
+
+    import normbench
+    norm = normbench.build_norm("gn", 64, groups=32)
+    model = normbench.build_model("resnet50", num_classes=1000, norm="gn", batch=2)
+    summary = normbench.run(config_dict, "runs/mine/one")   # a whole run, as run.py does
+
+``normbench.NORMS`` and ``normbench.MODELS`` are the registries (name -> spec).
+"""
+
+from .models import MODELS, PLACEMENTS, build_model
+from .norms import ACTIVATIONS, NORMS, build_activation, build_norm, norm_options
+from .train import run
+
+__all__ = ["ACTIVATIONS", "MODELS", "NORMS", "PLACEMENTS", "build_activation", "build_model",
+           "build_norm", "norm_options", "run"]
+__version__ = "0.1.0"

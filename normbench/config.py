@@ -1,0 +1,194 @@
+"""Checking a run's configuration before any work starts, and naming its run folder.
+
+The configuration is a plain nested mapping (what ``OmegaConf.to_container`` gives for the Hydra
+config in ``conf/``), so the library never needs Hydra. Every check fails with a
+:class:`ConfigError` that names the key, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Mapping
+
+import torch
+
+from .models import MODELS, PLACEMENTS, STEMS, build_model, norm_input_shapes
+from .norms import ACTIVATIONS, NORMS, NormConfigError, norm_spec
+
+PRECISIONS = ("auto", "fp32", "bf16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+# Keys that do not change what a run computes: they are left out of the run folder's name and
+# of the comparison made when a run folder is reused, so that e.g. turning W&B on or moving the
+# data does not start the run again.
+NON_RUN_KEYS = ("experiment", "out_root", "wandb", "progress", "device", "num_workers",
+                "eval_batch")
+NON_RUN_DATASET_KEYS = ("root", "cache_dir", "download")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be run; the message names key, value and the allowed."""
+
+
+def _require(cfg: Mapping[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"missing config key {key!r}")
+        node = node[part]
+    return node
+
+
+def _check_choice(cfg: Mapping[str, Any], key: str, allowed: tuple[str, ...] | list[str]) -> None:
+    value = _require(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _check_int(cfg: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = _require(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {minimum}")
+    return value
+
+
+def norm_options_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The norm's own options: the ``norm`` node without its ``name``."""
+    return {k: v for k, v in cfg["norm"].items() if k != "name"}
+
+
+def build_model_from_config(cfg: Mapping[str, Any], num_classes: int) -> torch.nn.Module:
+    """The model a run trains, from the config's ``model``, ``norm``, ``batch``, ... keys."""
+    model = cfg["model"]
+    return build_model(model["name"], num_classes=num_classes, norm=cfg["norm"]["name"],
+                       norm_options=norm_options_of(cfg), batch=cfg["batch"],
+                       placement=cfg["placement"], act=cfg["act"], stem=model["stem"],
+                       width=model["width"], zero_init_last=model["zero_init_last"])
+
+
+def validate_config(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first value that cannot be run."""
+    _check_choice(cfg, "norm.name", list(NORMS))
+    _check_choice(cfg, "model.name", list(MODELS))
+    _check_choice(cfg, "model.stem", STEMS)
+    _check_choice(cfg, "placement", PLACEMENTS)
+    _check_choice(cfg, "act", list(ACTIVATIONS))
+    _check_choice(cfg, "precision", PRECISIONS)
+    _check_choice(cfg, "wandb.mode", WANDB_MODES)
+    from .data import DATASETS  # imported here: data pulls in torchvision
+    _check_choice(cfg, "dataset.name", list(DATASETS))
+    batch = _check_int(cfg, "batch", 1)
+    _check_int(cfg, "workers", 1)
+    _check_int(cfg, "epochs", 1)
+    _check_int(cfg, "seed", 0)
+    _check_int(cfg, "eval_batch", 1)
+    _check_device(cfg)
+    width = _require(cfg, "model.width")
+    if not isinstance(width, (int, float)) or width <= 0:
+        raise ConfigError(f"model.width={width!r} is not allowed; it must be a number > 0")
+    spec = norm_spec(cfg["norm"]["name"])
+    if batch < spec.min_batch:
+        raise ConfigError(f"batch={batch} is not allowed with norm={cfg['norm']['name']}: its "
+                          f"statistics need at least {spec.min_batch} images per worker "
+                          f"(choose batch >= {spec.min_batch}, or a batch-independent norm such "
+                          f"as gn)")
+    _check_optim(cfg)
+    _check_model_builds(cfg)
+
+
+def _check_device(cfg: Mapping[str, Any]) -> None:
+    device = _require(cfg, "device")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} is not available: torch sees no CUDA device "
+                          f"(choose device=auto or device=cpu)")
+
+
+def _check_optim(cfg: Mapping[str, Any]) -> None:
+    for key in ("optim.lr_per_256", "optim.momentum", "optim.weight_decay", "optim.lr_decay"):
+        value = _require(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be a number >= 0")
+    milestones = _require(cfg, "optim.milestones")
+    if not isinstance(milestones, list) or not all(
+            isinstance(m, (int, float)) and 0 < m < 1 for m in milestones):
+        raise ConfigError(f"optim.milestones={milestones!r} is not allowed; it must be a list of "
+                          f"fractions of the run between 0 and 1, e.g. [0.3, 0.6, 0.9]")
+    warmup = _require(cfg, "optim.warmup_epochs")
+    if not isinstance(warmup, (int, float)) or not 0 <= warmup < cfg["epochs"]:
+        raise ConfigError(f"optim.warmup_epochs={warmup!r} is not allowed; it must be >= 0 and "
+                          f"below epochs={cfg['epochs']}")
+
+
+def _check_model_builds(cfg: Mapping[str, Any]) -> None:
+    """Build the model on the meta device (free) to catch grouping errors, and check that no
+    norm layer would normalize a single value (e.g. IN on ResNet-50's 1x1 last stage)."""
+    image_size = _require(cfg, "dataset.image_size")
+    try:
+        with torch.device("meta"):
+            model = build_model_from_config(cfg, num_classes=_require(cfg, "dataset.num_classes"))
+    except NormConfigError as error:
+        raise ConfigError(f"norm={cfg['norm']['name']} with model={cfg['model']['name']}: "
+                          f"{error}") from None
+    shapes = norm_input_shapes(model, image_size)
+    modules = dict(model.named_modules())
+    for layer, (channels, height, width) in shapes.items():
+        values = modules[layer].values_per_statistic(cfg["batch"], channels, height, width)
+        if values < 2:
+            raise ConfigError(
+                f"norm={cfg['norm']['name']} at layer {layer} would normalize a single value "
+                f"(input {channels}x{height}x{width}, batch={cfg['batch']}, "
+                f"dataset.image_size={image_size}, model.stem={cfg['model']['stem']}); use a "
+                f"larger batch or image size, model.stem=cifar for small images, or another norm")
+
+
+def run_key(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the config that decides what a run computes (see :data:`NON_RUN_KEYS`)."""
+    key = {k: v for k, v in cfg.items() if k not in NON_RUN_KEYS and k != "hydra"}
+    if isinstance(key.get("dataset"), Mapping):
+        key["dataset"] = {k: v for k, v in key["dataset"].items()
+                          if k not in NON_RUN_DATASET_KEYS}
+    return key
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """Eight hex digits that change whenever :func:`run_key` changes."""
+    text = json.dumps(run_key(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    """A run folder's name: the usual swept values for people, the config hash for uniqueness,
+    e.g. ``gn_b2x8_before_s0_1a2b3c4d``. Relaunching the same config finds the same folder."""
+    return (f"{cfg['norm']['name']}_b{cfg['batch']}x{cfg['workers']}_{cfg['placement']}"
+            f"_s{cfg['seed']}_{config_hash(cfg)}")
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two configs' run keys."""
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+    a, b = flat(run_key(old)), flat(run_key(new))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def flat_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys for W&B and tables: ``norm``, ``batch``, ``workers``, ... plus dotted options."""
+    flat = {"norm": cfg["norm"]["name"], "model": cfg["model"]["name"],
+            "dataset": cfg["dataset"]["name"]}
+    for key in ("batch", "workers", "placement", "act", "epochs", "seed", "experiment"):
+        flat[key] = cfg.get(key)
+    flat["global_batch"] = cfg["batch"] * cfg["workers"]
+    for section in ("norm", "model", "optim"):
+        for k, v in cfg[section].items():
+            if k != "name":
+                flat[f"{section}.{k}"] = v
+    return flat

@@ -1,0 +1,292 @@
+"""Training one run: config -> data, model, optimizer -> epochs -> run folder (and W&B).
+
+:func:`run` is the whole job (what ``run.py`` calls); :class:`Trainer` holds the pieces; the
+training step itself is a few plain lines in :meth:`Trainer.train_epoch`.
+
+One SGD step sees ``batch * workers`` images. Batch-dependent norms take statistics per chunk of
+``batch`` images (virtual workers), the loss is the mean over all images (= the average of the
+workers' mean losses, as data-parallel training computes it), and the learning rate follows the
+linear scaling rule: ``lr = optim.lr_per_256 * batch * workers / 256``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import (build_model_from_config, config_differences, flat_config, run_name,
+                     validate_config)
+from .records import RecordsError, RunFolder
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when precision is auto or bf16; full precision otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic matrix products on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def learning_rate(optim: Mapping[str, Any], *, global_batch: int, epoch_progress: float,
+                  epochs: int) -> float:
+    """The learning rate at ``epoch_progress`` (epochs done, fractional) of an ``epochs`` run:
+    linear scaling, optional linear warm-up, step decay at fractions of the run."""
+    base = optim["lr_per_256"] * global_batch / 256
+    warmup = optim["warmup_epochs"]
+    if warmup and epoch_progress < warmup:
+        return base * (epoch_progress + 1e-8) / warmup
+    drops = sum(epoch_progress >= m * epochs - 1e-9 for m in optim["milestones"])
+    return base * optim["lr_decay"] ** drops
+
+
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     norm_weight_decay: bool) -> list[dict[str, Any]]:
+    """Weight decay on every weight by default (the paper decays gamma and beta too); with
+    ``norm_weight_decay=false`` the norms' parameters and all biases get none."""
+    if norm_weight_decay:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    norm_params = {id(p) for m in model.modules() if hasattr(m, "values_per_statistic")
+                   for p in m.parameters(recurse=False)}
+    decayed, free = [], []
+    for name, p in model.named_parameters():
+        (free if id(p) in norm_params or name.endswith(".bias") else decayed).append(p)
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": free, "weight_decay": 0.0}]
+
+
+def median_of_last(values: list[float], count: int = 5) -> float:
+    return float(statistics.median(values[-count:]))
+
+
+class Trainer:
+    def __init__(self, cfg: Mapping[str, Any], folder: RunFolder) -> None:
+        from .data import build_loaders  # data pulls in torchvision; keep `import normbench` light
+
+        self.cfg = cfg
+        self.folder = folder
+        self.device = select_device(cfg["device"])
+        self.amp_dtype = autocast_dtype(cfg["precision"], self.device)
+        set_determinism(cfg["seed"], cfg["deterministic"])
+        self.global_batch = cfg["batch"] * cfg["workers"]
+        self.train_loader, self.test_loader, self.data_info = build_loaders(
+            cfg["dataset"], global_batch=self.global_batch, eval_batch=cfg["eval_batch"],
+            seed=cfg["seed"], device=self.device, num_workers=cfg["num_workers"])
+        if len(self.train_loader) == 0:
+            raise ValueError(f"dataset {cfg['dataset']['name']} has {self.data_info.num_train} "
+                             f"training images, fewer than one step of batch x workers = "
+                             f"{self.global_batch}")
+        self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
+        optim = cfg["optim"]
+        self.optimizer = torch.optim.SGD(
+            parameter_groups(self.model, optim["weight_decay"], optim["norm_weight_decay"]),
+            lr=0.0, momentum=optim["momentum"], nesterov=optim["nesterov"])
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.wandb_id: str | None = None
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch, "step": self.step, "history": self.history,
+                "wandb_id": self.wandb_id}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+        self.wandb_id = state["wandb_id"]
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _progress(self, loader, desc: str) -> Iterator:
+        if not self.cfg["progress"]:
+            return iter(loader)
+        from tqdm import tqdm
+        return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True))
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        self.train_loader.set_epoch(self.epoch)
+        steps = len(self.train_loader)
+        loss_sum, wrong, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        desc = f"epoch {self.epoch + 1}/{cfg['epochs']} train"
+        for index, (images, labels) in enumerate(self._progress(self.train_loader, desc)):
+            lr = learning_rate(cfg["optim"], global_batch=self.global_batch,
+                               epoch_progress=self.epoch + index / steps, epochs=cfg["epochs"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self._autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise Diverged(self.epoch + 1, self.step, loss_value)
+            loss_sum += loss_value * labels.numel()
+            wrong += (logits.argmax(1) != labels).sum().item()
+            seen += labels.numel()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        return {"train_loss": loss_sum / seen, "train_error": 100.0 * wrong / seen, "lr": lr,
+                "images_per_second": seen / elapsed, "epoch_time": elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        loss_sum, wrong, seen = 0.0, 0, 0
+        for images, labels in self._progress(self.test_loader, "test"):
+            with self._autocast():
+                logits = self.model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            wrong += (logits.argmax(1) != labels).sum().item()
+            seen += labels.numel()
+        return {"test_loss": loss_sum / seen, "test_error": 100.0 * wrong / seen}
+
+    # -- the run -----------------------------------------------------------------------------
+    def fit(self, tracker: Tracker) -> dict[str, Any]:
+        cfg = self.cfg
+        wall_start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0)
+        while self.epoch < cfg["epochs"]:
+            record = {"epoch": self.epoch + 1}
+            record.update(self.train_epoch())
+            record.update(self.evaluate())
+            self.epoch += 1
+            record["step"] = self.step
+            record["wall_time"] = time.perf_counter() - wall_start
+            self.history.append(record)
+            # Checkpoint first: it is the source of truth, metrics.jsonl is rebuilt from it.
+            self.folder.save_checkpoint(self.state())
+            self.folder.append_metrics(record)
+            tracker.log(record, step=self.epoch)
+            log.info("epoch %d/%d  train err %.2f  test err %.2f  loss %.3f  lr %.4g  %.0f img/s",
+                     self.epoch, cfg["epochs"], record["train_error"], record["test_error"],
+                     record["train_loss"], record["lr"], record["images_per_second"])
+        return self.summary("completed")
+
+    def summary(self, status: str, **extra: Any) -> dict[str, Any]:
+        errors = [r["test_error"] for r in self.history]
+        finished = status == "completed"
+        return {
+            "status": status,
+            "final_error": errors[-1] if finished else None,
+            "median5_error": median_of_last(errors) if finished else None,
+            "best_error": min(errors) if errors else None,
+            "final_train_error": self.history[-1]["train_error"] if self.history else None,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "images_per_second": (statistics.median(r["images_per_second"] for r in self.history)
+                                  if self.history else None),
+            "wall_time": self.history[-1]["wall_time"] if self.history else 0.0,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            **extra,
+        }
+
+
+def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume, or skip) the run ``cfg`` in ``run_dir``; return its summary.
+
+    A folder whose summary says completed or diverged is not trained again. A folder with a
+    checkpoint resumes from it. A failure is recorded in ``summary.json`` and re-raised.
+    """
+    validate_config(cfg)
+    folder = RunFolder(run_dir)
+    folder.open()
+    try:
+        return _run_in_folder(cfg, folder)
+    finally:
+        folder.close()
+
+
+def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
+    previous = folder.read_summary()
+    if previous and previous["status"] in ("completed", "diverged"):
+        log.info("%s: already %s, nothing to do", folder.path, previous["status"])
+        return {**previous, "outcome": "skipped"}
+    stored = folder.read_config()
+    if stored is not None and config_differences(stored, cfg):
+        raise RecordsError(f"run folder {folder.path} holds a run with a different config "
+                           f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
+                           f"another folder")
+    trainer = Trainer(cfg, folder)
+    checkpoint = folder.load_checkpoint()
+    outcome = "trained"
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        folder.rewrite_metrics(trainer.history)
+        outcome = "resumed"
+        log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
+    folder.write_config(cfg)
+    tracker = Tracker(cfg["wandb"], folder.path, {**flat_config(cfg), "config": dict(cfg)},
+                      run_id=trainer.wandb_id, name=run_name(cfg))
+    trainer.wandb_id = tracker.run_id
+    exit_code = 1
+    try:
+        summary = trainer.fit(tracker)
+        exit_code = 0
+    except Diverged as error:
+        log.error("%s: diverged: %s", folder.path, error)
+        summary = trainer.summary("diverged", diverged_at={"epoch": error.epoch,
+                                                           "step": error.step},
+                                  error=str(error))
+        exit_code = 0  # divergence is a result of the protocol, not a crash of the run
+    except Exception as error:
+        summary = trainer.summary("failed", error=f"{type(error).__name__}: {error}",
+                                  traceback=traceback.format_exc())
+        folder.write_summary(summary)
+        tracker.summary({k: v for k, v in summary.items() if k != "traceback"})
+        raise
+    finally:
+        if exit_code == 0:
+            folder.write_summary(summary)
+            tracker.summary(summary)
+        tracker.finish(exit_code)
+    return {**summary, "outcome": outcome}
