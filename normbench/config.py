@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .models import MODELS, PLACEMENTS, STEMS, build_model, norm_input_shapes
+from .bn_eval import BN_EVAL_MODES
+from .models import (MODELS, PLACEMENTS, STEMS, build_model, check_norm_combination,
+                     norm_input_shapes)
 from .norms import ACTIVATIONS, NORMS, NormConfigError, norm_spec
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -65,7 +67,8 @@ def build_model_from_config(cfg: Mapping[str, Any], num_classes: int) -> torch.n
     return build_model(model["name"], num_classes=num_classes, norm=cfg["norm"]["name"],
                        norm_options=norm_options_of(cfg), batch=cfg["batch"],
                        placement=cfg["placement"], act=cfg["act"], stem=model["stem"],
-                       width=model["width"], zero_init_last=model["zero_init_last"])
+                       width=model["width"], zero_init_last=model["zero_init_last"],
+                       ws=cfg["ws"])
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
@@ -77,25 +80,45 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_choice(cfg, "act", list(ACTIVATIONS))
     _check_choice(cfg, "precision", PRECISIONS)
     _check_choice(cfg, "wandb.mode", WANDB_MODES)
-    from .data import DATASETS  # imported here: data pulls in torchvision
-    _check_choice(cfg, "dataset.name", list(DATASETS))
+    from .data import DATASET_BUILDERS  # imported here: data pulls in torchvision
+    _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
     batch = _check_int(cfg, "batch", 1)
     _check_int(cfg, "workers", 1)
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "seed", 0)
     _check_int(cfg, "eval_batch", 1)
+    _check_choice(cfg, "bn_eval", BN_EVAL_MODES)
+    _check_int(cfg, "precise_bn_samples", 1)
     _check_device(cfg)
     width = _require(cfg, "model.width")
     if not isinstance(width, (int, float)) or width <= 0:
         raise ConfigError(f"model.width={width!r} is not allowed; it must be a number > 0")
-    spec = norm_spec(cfg["norm"]["name"])
-    if batch < spec.min_batch:
-        raise ConfigError(f"batch={batch} is not allowed with norm={cfg['norm']['name']}: its "
+    _check_norm_combinations(cfg, batch)
+    _check_optim(cfg)
+    _check_model_builds(cfg)
+
+
+def _check_norm_combinations(cfg: Mapping[str, Any], batch: int) -> None:
+    """The norm against the batch, the placement and ``ws``."""
+    name = cfg["norm"]["name"]
+    spec = norm_spec(name)
+    ws = _require(cfg, "ws")
+    if not isinstance(ws, bool):
+        raise ConfigError(f"ws={ws!r} is not allowed; choose one of: true, false")
+    if spec.step_statistics and batch * cfg["workers"] < spec.min_batch:
+        raise ConfigError(f"batch={batch} with workers={cfg['workers']} is not allowed with "
+                          f"norm={name}: its statistics cover the step's batch * workers images "
+                          f"and need at least {spec.min_batch} (choose batch * workers >= "
+                          f"{spec.min_batch})")
+    if not spec.step_statistics and batch < spec.min_batch:
+        raise ConfigError(f"batch={batch} is not allowed with norm={name}: its "
                           f"statistics need at least {spec.min_batch} images per worker "
                           f"(choose batch >= {spec.min_batch}, or a batch-independent norm such "
                           f"as gn)")
-    _check_optim(cfg)
-    _check_model_builds(cfg)
+    try:
+        check_norm_combination(name, cfg["placement"], ws)
+    except NormConfigError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_device(cfg: Mapping[str, Any]) -> None:
@@ -137,7 +160,7 @@ def _check_model_builds(cfg: Mapping[str, Any]) -> None:
     modules = dict(model.named_modules())
     for layer, (channels, height, width) in shapes.items():
         values = modules[layer].values_per_statistic(cfg["batch"], channels, height, width)
-        if values < 2:
+        if values is not None and values < 2:  # None: a layer without statistics
             raise ConfigError(
                 f"norm={cfg['norm']['name']} at layer {layer} would normalize a single value "
                 f"(input {channels}x{height}x{width}, batch={cfg['batch']}, "

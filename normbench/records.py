@@ -6,6 +6,8 @@
       summary.json     written at the end: status completed / diverged / failed, errors, speed
       checkpoint.pt    model, optimizer and history after the last finished epoch
       checkpoint.prev.pt  the one before it (fallback when the newest is unreadable)
+      launches.jsonl   one line per launch: when, and what it did (trained, resumed, skipped,
+                       failed, diverged), read by the end-of-sweep status summary
       .lock            held while a process trains in this folder
 
 Every file except metrics.jsonl is replaced atomically (write a temporary file, fsync, rename),
@@ -53,6 +55,7 @@ class RunFolder:
         self.summary_path = self.path / "summary.json"
         self.checkpoint_path = self.path / "checkpoint.pt"
         self.previous_checkpoint_path = self.path / "checkpoint.prev.pt"
+        self.launches_path = self.path / "launches.jsonl"
         self._lock_file = None
 
     # -- set-up ------------------------------------------------------------------------------
@@ -110,6 +113,11 @@ class RunFolder:
 
     def rewrite_metrics(self, history: list[Mapping[str, Any]]) -> None:
         write_atomic_text(self.metrics_path, "".join(json.dumps(dict(r)) + "\n" for r in history))
+
+    def record_launch(self, outcome: str, started: float) -> None:
+        """Append what this launch did (``started`` is its start time, seconds since the epoch)."""
+        with open(self.launches_path, "a") as f:
+            f.write(json.dumps({"started": started, "outcome": outcome}) + "\n")
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:

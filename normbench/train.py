@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (build_model_from_config, config_differences, flat_config, run_name,
-                     validate_config)
+from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
+                     run_name, validate_config)
+from .bn_eval import dedicated_epoch, statistics_batch
+from .evaluation import evaluate_epoch
 from .records import RecordsError, RunFolder
 from .tracking import Tracker
 
@@ -178,17 +180,16 @@ class Trainer:
         return {"train_loss": loss_sum / seen, "train_error": 100.0 * wrong / seen, "lr": lr,
                 "images_per_second": seen / elapsed, "epoch_time": elapsed}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        loss_sum, wrong, seen = 0.0, 0, 0
-        for images, labels in self._progress(self.test_loader, "test"):
-            with self._autocast():
-                logits = self.model(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            wrong += (logits.argmax(1) != labels).sum().item()
-            seen += labels.numel()
-        return {"test_loss": loss_sum / seen, "test_error": 100.0 * wrong / seen}
+        """Test metrics as ``bn_eval`` says; with batch-dependent norms also
+        ``train_mode_test_error`` and ``bn_gap`` (see :mod:`normbench.evaluation`)."""
+        cfg = self.cfg
+        return evaluate_epoch(
+            self.model, lambda desc: self._progress(self.test_loader, desc),
+            bn_eval=cfg["bn_eval"],
+            statistics_batch=statistics_batch(cfg["norm"]["name"], cfg["batch"], cfg["workers"]),
+            precise_batches=lambda: dedicated_epoch(self.train_loader, self.epoch),
+            precise_samples=cfg["precise_bn_samples"], autocast=self._autocast)
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self, tracker: Tracker) -> dict[str, Any]:
@@ -237,12 +238,29 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     A folder whose summary says completed or diverged is not trained again. A folder with a
     checkpoint resumes from it. A failure is recorded in ``summary.json`` and re-raised.
     """
-    validate_config(cfg)
     folder = RunFolder(run_dir)
     folder.open()
+    started = time.time()
+    outcome = "failed"
     try:
-        return _run_in_folder(cfg, folder)
+        try:
+            validate_config(cfg)
+        except ConfigError as error:
+            # Refused before any work; the folder says why, so a sweep's report shows the cell.
+            if folder.read_config() is None:
+                folder.write_config(cfg)
+            folder.write_summary(failure_summary(error))
+            raise
+        summary = _run_in_folder(cfg, folder)
+        outcome = summary["outcome"]
+        if outcome != "skipped" and summary["status"] == "diverged":
+            outcome = "diverged"
+        return summary
+    except (Exception, KeyboardInterrupt) as error:
+        outcome = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        raise
     finally:
+        folder.record_launch(outcome, started)
         folder.close()
 
 
@@ -256,37 +274,45 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         raise RecordsError(f"run folder {folder.path} holds a run with a different config "
                            f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
                            f"another folder")
-    trainer = Trainer(cfg, folder)
-    checkpoint = folder.load_checkpoint()
+    folder.write_config(cfg)
+    try:
+        trainer = Trainer(cfg, folder)
+        checkpoint = folder.load_checkpoint()
+    except Exception as error:  # data or records unusable: say so in the folder, then raise
+        folder.write_summary(failure_summary(error))
+        raise
     outcome = "trained"
     if checkpoint is not None:
         trainer.restore(checkpoint)
         folder.rewrite_metrics(trainer.history)
         outcome = "resumed"
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
-    folder.write_config(cfg)
     tracker = Tracker(cfg["wandb"], folder.path, {**flat_config(cfg), "config": dict(cfg)},
                       run_id=trainer.wandb_id, name=run_name(cfg))
     trainer.wandb_id = tracker.run_id
-    exit_code = 1
     try:
         summary = trainer.fit(tracker)
-        exit_code = 0
     except Diverged as error:
+        # Divergence is a result of the protocol (e.g. BN at batch 2 with a large lr), not a
+        # crash: it is recorded as such and the run counts as finished.
         log.error("%s: diverged: %s", folder.path, error)
-        summary = trainer.summary("diverged", diverged_at={"epoch": error.epoch,
-                                                           "step": error.step},
-                                  error=str(error))
-        exit_code = 0  # divergence is a result of the protocol, not a crash of the run
+        summary = trainer.summary("diverged", error=str(error),
+                                  diverged_at={"epoch": error.epoch, "step": error.step})
     except Exception as error:
-        summary = trainer.summary("failed", error=f"{type(error).__name__}: {error}",
-                                  traceback=traceback.format_exc())
+        summary = {**trainer.summary("failed"), **failure_summary(error)}
         folder.write_summary(summary)
         tracker.summary({k: v for k, v in summary.items() if k != "traceback"})
+        tracker.finish(exit_code=1)
         raise
-    finally:
-        if exit_code == 0:
-            folder.write_summary(summary)
-            tracker.summary(summary)
-        tracker.finish(exit_code)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): no summary, the checkpoint resumes
+        tracker.finish(exit_code=1)
+        raise
+    folder.write_summary(summary)
+    tracker.summary(summary)
+    tracker.finish(exit_code=0)
     return {**summary, "outcome": outcome}
+
+
+def failure_summary(error: BaseException) -> dict[str, Any]:
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc()}

@@ -1,0 +1,48 @@
+"""Shared test helpers: the real Hydra config composed in-process, and tiny run settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# A run that takes seconds on a CPU: the smallest CIFAR ResNet on a small synthetic set.
+TINY = ["model=resnet8", "dataset=synthetic", "dataset.train_size=512", "dataset.test_size=256",
+        "dataset.image_size=16", "batch=8", "workers=4", "epochs=2", "wandb.mode=disabled",
+        "progress=false"]
+
+
+def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved config `python run.py <overrides>` would run, as a plain dict."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_cli(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 archive not found at {SHARED_CIFAR} (only on the project's "
+                    f"machines, beside the checkout in ../shared)")
+    return SHARED_CIFAR

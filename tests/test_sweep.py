@@ -1,0 +1,46 @@
+"""Sweeps: a real multirun in a subprocess, relaunched, with a failing cell, then reported."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, TINY, run_cli
+
+
+def outcome_counts(output: str) -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.strip().startswith("trained "))
+    return {name: int(count) for name, count in re.findall(r"(\w+) (\d+)", line)}
+
+
+def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
+    # bn at batch 1 is refused (BN needs 2 images per worker): that cell fails, the rest run.
+    sweep = ["-m", *TINY, "epochs=1", "experiment=sweeptest", "norm=bn,gn8", "batch=8,1",
+             f"out_root={tmp_path / 'runs'}"]
+    first = run_cli(sweep, cwd=tmp_path)
+    output = first.stdout + first.stderr
+    assert outcome_counts(output) == {"trained": 3, "resumed": 0, "skipped": 0, "diverged": 0,
+                                      "failed": 1, "interrupted": 0}
+    assert re.search(r"failed: bn_b1x4_\S+: ConfigError: batch=1 is not allowed with norm=bn",
+                     output)
+    experiment = tmp_path / "runs" / "sweeptest"
+    summaries = {p.parent.name: json.loads(p.read_text())
+                 for p in experiment.glob("*/summary.json")}
+    assert sorted(s["status"] for s in summaries.values()) == ["completed"] * 3 + ["failed"]
+    assert "experiment=sweeptest" in (experiment / "command.txt").read_text()
+
+    second = run_cli(sweep, cwd=tmp_path)  # the same command again: nothing is trained
+    assert outcome_counts(second.stdout + second.stderr)["trained"] == 0
+    assert outcome_counts(second.stdout + second.stderr)["skipped"] == 3
+
+    report = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(experiment),
+                             "--out", str(tmp_path / "report")], capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    out = tmp_path / "report"
+    assert (out / "REPORT.md").exists() and (out / "runs.csv").exists()
+    assert list(out.glob("*error_vs_batch*.png")) and list(out.glob("*error_vs_batch*.svg"))
+    text = (out / "REPORT.md").read_text()
+    assert "failed" in text
