@@ -10,6 +10,16 @@ residual blocks, the network, then the registry. The norm is a callable ``make_n
 The last conv of a residual branch has no activation before the addition, so it is conv -> norm
 in both placements, and no norm ever sits on the identity path after the addition.
 
+Norms that carry their own nonlinearity (``frn``'s TLU, ``evonorm_b0``, ``evonorm_s0``: their
+registry entry says ``replaces_activation``) take the place of the unit's activation: the unit is
+conv -> norm, the norm built with its nonlinearity where the unit would have an activation and
+without it where it would not (last conv of a branch, projection shortcut). ``placement=after``
+has no meaning for them and is refused. The config's ``act`` is then used only where no norm
+provides the nonlinearity: after the residual addition (as in the EvoNorm authors' ResNet).
+
+Weight Standardization (``ws=True``) makes every conv followed by a norm a
+:class:`~normbench.norms.WSConv2d`: in these ResNets that is every conv.
+
 Stems: ``imagenet`` is torchvision's (7x7 stride-2 conv, 3x3 stride-2 max-pool); ``cifar`` is a
 3x3 stride-1 conv without max-pool, which 32x32 inputs need (an ImageNet stem leaves ResNet-50's
 last stage a 1x1 map).
@@ -25,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .norms import NormConfigError, build_activation, build_norm
+from .norms import NormConfigError, WSConv2d, build_activation, build_norm, norm_spec
 
 PLACEMENTS = ("before", "after")
 STEMS = ("imagenet", "cifar")
@@ -48,25 +58,39 @@ class ConvNormAct(nn.Sequential):
         super().__init__(OrderedDict((name, m) for name, m in parts if m is not None))
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1,
+            conv_type: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    return conv_type(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1,
+            conv_type: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    return conv_type(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
 @dataclass(frozen=True)
 class Layers:
-    """What a block needs to build its units: the norm, the activation and the placement."""
+    """What a block needs to build its units: the conv type, the norm, the activation and the
+    placement."""
 
-    make_norm: Callable[[int, str], nn.Module]  # (channels, qualified layer name) -> norm
+    # (channels, qualified layer name, whether the unit has an activation) -> norm
+    make_norm: Callable[[int, str, bool], nn.Module]
     make_act: ActFactory
     placement: str
+    norm_is_activation: bool = False  # the norm carries the unit's nonlinearity (frn, evonorm)
+    conv_type: type[nn.Conv2d] = nn.Conv2d  # WSConv2d with weight standardization
+
+    def conv3x3(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+        return conv3x3(in_channels, out_channels, stride, self.conv_type)
+
+    def conv1x1(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+        return conv1x1(in_channels, out_channels, stride, self.conv_type)
 
     def unit(self, conv: nn.Conv2d, where: str, act: bool = True) -> ConvNormAct:
-        return ConvNormAct(conv, self.make_norm(conv.out_channels, where),
-                           self.make_act() if act else None, self.placement)
+        norm = self.make_norm(conv.out_channels, where, act)
+        if self.norm_is_activation:  # the norm's own nonlinearity is the unit's activation
+            return ConvNormAct(conv, norm, None, self.placement)
+        return ConvNormAct(conv, norm, self.make_act() if act else None, self.placement)
 
 
 def _shortcut(layers: Layers, in_channels: int, out_channels: int, stride: int,
@@ -75,7 +99,8 @@ def _shortcut(layers: Layers, in_channels: int, out_channels: int, stride: int,
     changes. Never an activation: the shortcut is part of the identity path."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return layers.unit(conv1x1(in_channels, out_channels, stride), f"{where}.shortcut", act=False)
+    return layers.unit(layers.conv1x1(in_channels, out_channels, stride), f"{where}.shortcut",
+                       act=False)
 
 
 class BasicBlock(nn.Module):
@@ -87,8 +112,8 @@ class BasicBlock(nn.Module):
                  where: str) -> None:
         super().__init__()
         out_channels = width * self.expansion
-        self.conv1 = layers.unit(conv3x3(in_channels, width, stride), f"{where}.conv1")
-        self.conv2 = layers.unit(conv3x3(width, out_channels), f"{where}.conv2", act=False)
+        self.conv1 = layers.unit(layers.conv3x3(in_channels, width, stride), f"{where}.conv1")
+        self.conv2 = layers.unit(layers.conv3x3(width, out_channels), f"{where}.conv2", act=False)
         self.shortcut = _shortcut(layers, in_channels, out_channels, stride, where)
         self.act = layers.make_act()
 
@@ -109,9 +134,9 @@ class Bottleneck(nn.Module):
                  where: str) -> None:
         super().__init__()
         out_channels = width * self.expansion
-        self.conv1 = layers.unit(conv1x1(in_channels, width), f"{where}.conv1")
-        self.conv2 = layers.unit(conv3x3(width, width, stride), f"{where}.conv2")
-        self.conv3 = layers.unit(conv1x1(width, out_channels), f"{where}.conv3", act=False)
+        self.conv1 = layers.unit(layers.conv1x1(in_channels, width), f"{where}.conv1")
+        self.conv2 = layers.unit(layers.conv3x3(width, width, stride), f"{where}.conv2")
+        self.conv3 = layers.unit(layers.conv1x1(width, out_channels), f"{where}.conv3", act=False)
         self.shortcut = _shortcut(layers, in_channels, out_channels, stride, where)
         self.act = layers.make_act()
 
@@ -177,8 +202,8 @@ class ResNet(nn.Module):
     @staticmethod
     def _stem(stem: str, channels: int, layers: Layers) -> nn.Sequential:
         if stem == "cifar":
-            return nn.Sequential(layers.unit(conv3x3(3, channels), "stem"))
-        conv = nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False)
+            return nn.Sequential(layers.unit(layers.conv3x3(3, channels), "stem"))
+        conv = layers.conv_type(3, channels, 7, stride=2, padding=3, bias=False)
         return nn.Sequential(layers.unit(conv, "stem"),
                              nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
 
@@ -213,28 +238,53 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def _norm_factory(norm: str, norm_options: dict[str, Any], virtual_batch: int | None):
-    def make_norm(channels: int, where: str) -> nn.Module:
+    def make_norm(channels: int, where: str, with_activation: bool) -> nn.Module:
         try:
-            return build_norm(norm, channels, virtual_batch=virtual_batch, **norm_options)
+            return build_norm(norm, channels, virtual_batch=virtual_batch,
+                              with_activation=with_activation, **norm_options)
         except NormConfigError as error:
             raise NormConfigError(f"at layer {where}: {error}") from None
     return make_norm
 
 
+def check_norm_combination(norm: str, placement: str, ws: bool) -> None:
+    """Refuse, naming the key, its value and the allowed values, the combinations that have no
+    meaning: a norm that is its unit's activation placed after the activation, and weight
+    standardization without a norm after the conv."""
+    spec = norm_spec(norm)
+    if placement not in PLACEMENTS:
+        raise NormConfigError(f"placement={placement!r} is not allowed; choose one of: "
+                              f"{', '.join(PLACEMENTS)}")
+    if spec.replaces_activation and placement != "before":
+        raise NormConfigError(
+            f"placement={placement!r} is not allowed with norm={norm}: {norm} includes its own "
+            f"nonlinearity and replaces the unit's activation, so there is no activation to "
+            f"put it after; allowed with norm={norm}: placement=before")
+    if ws and norm == "none":
+        raise NormConfigError(
+            "ws=True is not allowed with norm=none: standardized weights have unit variance, "
+            "which multiplies each conv's output variance by its fan-in, so weight "
+            "standardization needs a norm after the conv; allowed with norm=none: ws=False")
+
+
 def build_model(name: str, *, num_classes: int, norm: str = "bn",
                 norm_options: dict[str, Any] | None = None, batch: int | None = None,
                 placement: str = "before", act: str = "relu", stem: str = "imagenet",
-                width: float = 1.0, zero_init_last: bool = True) -> ResNet:
+                width: float = 1.0, zero_init_last: bool = True, ws: bool = False) -> ResNet:
     """Build the ResNet ``name`` with norm ``norm`` everywhere.
 
     ``batch`` is the images per worker: batch-dependent norms take their training statistics
     per chunk of that many images (virtual workers); ``None`` means the whole batch is one
-    worker. ``norm_options`` go to :func:`normbench.norms.build_norm`.
+    worker. ``norm_options`` go to :func:`normbench.norms.build_norm`. ``ws`` standardizes the
+    weight of every conv followed by a norm (Weight Standardization).
     """
     spec = model_spec(name)
     build_activation(act)  # fail early, naming the allowed activations
+    check_norm_combination(norm, placement, ws)
     layers = Layers(_norm_factory(norm, dict(norm_options or {}), batch),
-                    partial(build_activation, act), placement)
+                    partial(build_activation, act), placement,
+                    norm_is_activation=norm_spec(norm).replaces_activation,
+                    conv_type=WSConv2d if ws else nn.Conv2d)
     return ResNet(spec, num_classes=num_classes, layers=layers, stem=stem, width=width,
                   zero_init_last=zero_init_last)
 

@@ -1,12 +1,22 @@
 """Normalization layers and the one registry that names them.
 
-A norm is named by a string (``bn``, ``gn``, ``ln``, ``in``, ``none``, ...) and built by
-:func:`build_norm`. Each entry of :data:`NORMS` says whether the layer's statistics depend on the
-other images of the batch (``batch_dependent``): those layers take their statistics per chunk of
-``virtual_batch`` images, which is how one process runs several *virtual workers* (DESIGN.md).
+A norm is named by a string (``bn``, ``gn``, ``ln``, ``in``, ``brn``, ``syncbn``, ``frn``,
+``evonorm_b0``, ``evonorm_s0``, ``none``) and built by :func:`build_norm`. Each entry of
+:data:`NORMS` says what the rest of the code must know about the layer:
+
+- ``batch_dependent``: its statistics mix the images of a worker's batch. Those layers take their
+  statistics per chunk of ``virtual_batch`` images, which is how one process runs several
+  *virtual workers* (DESIGN.md), and share the machinery of :class:`BatchStatistics` (running
+  statistics, Precise BN, evaluation with batch statistics; see :mod:`normbench.bn_eval`).
+- ``step_statistics``: the statistics cover every worker of the SGD step (``syncbn``).
+- ``replaces_activation``: the layer carries its own nonlinearity (FRN's TLU, EvoNorm), so the
+  model drops the unit's activation; see :mod:`normbench.models`.
 
 ``ln`` and ``in`` have the GN paper's meaning: GroupNorm with one group (statistics over C, H, W
 of each sample) and with one group per channel, both with a per-channel affine gamma and beta.
+
+Weight Standardization (:class:`WSConv2d`) is not a norm but a modifier of the conv before one;
+it lives here because it belongs to the same zoo.
 """
 
 from __future__ import annotations
@@ -16,16 +26,116 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-EPS = 1e-5  # the paper's epsilon for every norm
+EPS = 1e-5  # the GN paper's epsilon for every norm
+FRN_EPS = 1e-6  # Singh & Krishnan 2019, the paper's listing of the FRN layer
+WS_EPS = 1e-5  # Qiao et al. 2019, the constant of the authors' code
 
 
 class NormConfigError(ValueError):
     """A norm was asked for with a name or options it does not accept."""
 
 
-class VirtualBatchNorm2d(nn.BatchNorm2d):
+# ---- virtual workers: one batch seen as per-worker chunks ------------------------------------
+def worker_chunks(x: torch.Tensor, virtual_batch: int | None, layer: str) -> torch.Tensor:
+    """``x`` (N, C, H, W) as (W, B, C, H, W): ``W = N / B`` chunks of ``B = virtual_batch`` images
+    (one chunk of all N when ``virtual_batch`` is None). A view, no copy."""
+    n = x.shape[0]
+    chunk = n if virtual_batch is None else virtual_batch
+    if n % chunk:
+        raise ValueError(f"{layer}: a batch of {n} images is not a multiple of the per-worker "
+                         f"batch {chunk}")
+    return x.unflatten(0, (n // chunk, chunk))
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is a 16-bit float (autocast): statistics need the precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def chunk_moments(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of each channel of each chunk, over (B, H, W): shape
+    (W, 1, C, 1, 1) each, ready to broadcast against ``chunks``."""
+    var, mean = torch.var_mean(full_precision(chunks), dim=(1, 3, 4), correction=0, keepdim=True)
+    return mean, var
+
+
+def per_chunk(statistic: torch.Tensor) -> torch.Tensor:
+    """A (W, 1, C, 1, 1) statistic as a (W, C) table: one row per worker."""
+    return statistic.reshape(statistic.shape[0], -1)
+
+
+def channel_view(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector (C,) shaped to broadcast against (W, B, C, H, W) chunks."""
+    return t.view(1, 1, -1, 1, 1)
+
+
+# ---- layers whose statistics come from the batch ---------------------------------------------
+STATS_MODES = ("update", "frozen", "collect")
+
+
+class StatisticsSum:
+    """Sums of per-chunk statistics over many chunks: Precise BN's true average (Wu & Johnson
+    2021), as opposed to the exponential moving average of training."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.chunks = 0
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, table in stats.items():  # table: (W, C), one row per chunk
+            total = table.detach().double().sum(0)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.chunks += next(iter(stats.values())).shape[0]
+
+    def averages(self) -> dict[str, torch.Tensor]:
+        return {name: total / self.chunks for name, total in self.sums.items()}
+
+
+class BatchStatistics:
+    """Mixin of the batch-dependent layers: per-worker chunks and what happens to the statistics.
+
+    ``virtual_batch`` is the per-worker batch (None: the whole batch is one worker).
+    ``running_stat_names`` are the buffers a training step folds its statistics into.
+    ``stats_mode`` says what a *training-mode* forward does with the statistics it computes:
+
+    - ``update`` (training): fold them into the running buffers at rate ``momentum`` and count
+      the step;
+    - ``frozen``: nothing; buffers and step counters stay as they are (evaluation with batch
+      statistics);
+    - ``collect``: add them to ``collected`` (a :class:`StatisticsSum`) for Precise BN.
+
+    Eval mode always uses the running buffers. :mod:`normbench.bn_eval` switches the modes.
+    """
+
+    running_stat_names: tuple[str, ...] = ()
+    momentum: float
+
+    def _init_batch_statistics(self, virtual_batch: int | None) -> None:
+        self.virtual_batch = virtual_batch
+        self.stats_mode = "update"
+        self.collected: StatisticsSum | None = None
+
+    def _absorb(self, stats: dict[str, torch.Tensor]) -> None:
+        """Handle this step's statistics: ``{buffer name: (W, C) per-chunk values}``."""
+        if self.stats_mode == "update":
+            with torch.no_grad():
+                for name, table in stats.items():
+                    running = getattr(self, name)
+                    # The mean over chunks: the moving average is linear, so this is the average
+                    # of the W running estimates that W separate workers would keep.
+                    running.lerp_(table.mean(0).to(running.dtype), self.momentum)
+            self._count_step()
+        elif self.stats_mode == "collect":
+            self.collected.add(stats)
+
+    def _count_step(self) -> None:
+        """Advance the layer's step counter, if it has one."""
+
+
+class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
     """BatchNorm whose training statistics are taken per chunk of ``virtual_batch`` images.
 
     With ``virtual_batch=None`` (or a batch of exactly that size) this is ``nn.BatchNorm2d``.
@@ -39,45 +149,195 @@ class VirtualBatchNorm2d(nn.BatchNorm2d):
     exactly the average of the ``W`` running estimates that ``W`` separate workers would keep.
     """
 
+    running_stat_names = ("running_mean", "running_var")
+
     def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1,
                  virtual_batch: int | None = None) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.virtual_batch = virtual_batch
+        self._init_batch_statistics(virtual_batch)
 
     def values_per_statistic(self, batch: int, channels: int, height: int, width: int) -> int:
         return batch * height * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunk = self.virtual_batch
-        if not self.training or chunk is None or x.shape[0] == chunk:
-            return super().forward(x)
-        if x.shape[0] % chunk:
-            raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} images is not a "
-                             f"multiple of the per-worker batch {chunk}")
-        return self._chunked_forward(x, chunk)
+        plain_step = self.stats_mode == "update" and self.virtual_batch in (None, x.shape[0])
+        if not self.training or plain_step:
+            return super().forward(x)  # torch's kernel: eval mode, or one worker per process
+        return self._chunked_forward(x)
 
-    def _chunked_forward(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        n, c, h, w = x.shape
-        chunks = x.view(n // chunk, chunk, c, h, w)
-        var, mean = torch.var_mean(chunks, dim=(1, 3, 4), correction=0, keepdim=True)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1, 1)
-        shift = self.bias.view(1, 1, c, 1, 1) - mean * scale
-        if self.track_running_stats:
-            self._update_running_stats(mean, var, values=chunk * h * w)
-        return (chunks * scale + shift).view(n, c, h, w)
+    def _chunked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)
+        mean, var = chunk_moments(chunks)
+        values = chunks.shape[1] * chunks.shape[3] * chunks.shape[4]
+        self._absorb({"running_mean": per_chunk(mean),
+                      "running_var": per_chunk(var) * (values / (values - 1))})
+        scale = torch.rsqrt(var + self.eps) * channel_view(self.weight)
+        shift = channel_view(self.bias) - mean * scale
+        return (chunks * scale + shift).flatten(0, 1)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, values: int) -> None:
-        chunk_means = mean.flatten(1).to(self.running_mean.dtype).mean(0)
-        chunk_vars = var.flatten(1).to(self.running_var.dtype).mean(0) * (values / (values - 1))
-        self.running_mean.lerp_(chunk_means, self.momentum)
-        self.running_var.lerp_(chunk_vars, self.momentum)
+    def _count_step(self) -> None:
         self.num_batches_tracked.add_(1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
 
 
+class BatchRenorm2d(BatchStatistics, nn.Module):
+    """Batch Renormalization (Ioffe 2017, Algorithm 1), statistics per virtual worker.
+
+    Training, per chunk (worker) of B images, per channel::
+
+        mu_B = mean(x),  sigma_B = sqrt(var(x) + eps)           (biased variance, over B, H, W)
+        r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+        mu <- mu + momentum * (mu_B - mu),  sigma <- sigma + momentum * (sigma_B - sigma)
+
+    Inference: ``y = gamma * (x - mu) / sigma + beta`` (``sigma`` already holds eps). The moving
+    averages take the mean over chunks, like :class:`VirtualBatchNorm2d`.
+
+    Schedule (Ioffe 2017, section 4): plain BN (``r_max = 1``, ``d_max = 0``) for the first
+    ``warmup_steps`` training steps, then both limits relax linearly to ``r_max`` and ``d_max``,
+    reached at training steps ``r_max_reached_at`` and ``d_max_reached_at``. The step is the
+    buffer ``steps`` (training-mode forwards in ``update`` mode), so it travels with the state
+    dict and a resumed run continues the schedule. Defaults: ``momentum = 0.01``, the schedule's
+    steps (5k, 40k, 25k) from Ioffe 2017; the limits ``r_max = 1.5``, ``d_max = 0.5`` that the GN
+    paper used for ResNet-50 (Ioffe's were 3 and 5).
+    """
+
+    running_stat_names = ("running_mean", "running_std")
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.01,
+                 r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
+                 r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+                 virtual_batch: int | None = None) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_steps = warmup_steps
+        self.r_max_reached_at, self.d_max_reached_at = r_max_reached_at, d_max_reached_at
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        self._init_batch_statistics(virtual_batch)
+
+    def values_per_statistic(self, batch: int, channels: int, height: int, width: int) -> int:
+        return batch * height * width
+
+    def clip_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) at the current step; tensors, so reading the step needs no sync."""
+        return (self._relaxed(1.0, self.r_max, self.r_max_reached_at),
+                self._relaxed(0.0, self.d_max, self.d_max_reached_at))
+
+    def _relaxed(self, start: float, limit: float, reached_at: int) -> torch.Tensor:
+        """The limit at the current step: ``start`` until ``warmup_steps``, then linear up to
+        ``limit`` at ``reached_at``, then ``limit``."""
+        since_warmup = (self.steps - self.warmup_steps).to(self.running_std.dtype)
+        if reached_at > self.warmup_steps:
+            progress = (since_warmup / (reached_at - self.warmup_steps)).clamp(0.0, 1.0)
+        else:
+            progress = (since_warmup >= 0).to(since_warmup.dtype)
+        return start + (limit - start) * progress
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            scale = self.weight / self.running_std
+            shift = self.bias - self.running_mean * scale
+            return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)
+        mean, var = chunk_moments(chunks)
+        std = torch.sqrt(var + self.eps)
+        r, d = self._corrections(mean, std)
+        self._absorb({"running_mean": per_chunk(mean), "running_std": per_chunk(std)})
+        scale = channel_view(self.weight) * r / std
+        shift = channel_view(self.bias) + channel_view(self.weight) * d - mean * scale
+        return (chunks * scale + shift).flatten(0, 1)
+
+    @torch.no_grad()
+    def _corrections(self, mean: torch.Tensor, std: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """r and d of each chunk, clipped to the schedule's limits; no gradient flows through."""
+        r_max, d_max = self.clip_limits()
+        sigma, mu = channel_view(self.running_std), channel_view(self.running_mean)
+        r = torch.clamp(std / sigma, min=1 / r_max, max=r_max)
+        d = torch.clamp((mean - mu) / sigma, min=-d_max, max=d_max)
+        return r, d
+
+    def _count_step(self) -> None:
+        self.steps.add_(1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"r_max_reached_at={self.r_max_reached_at}, "
+                f"d_max_reached_at={self.d_max_reached_at}, virtual_batch={self.virtual_batch}")
+
+
+# ---- synchronized BN -------------------------------------------------------------------------
+class AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all processes, differentiable: the gradient of a sum that every
+    process uses is the sum of the processes' gradients. Works with gloo (CPU) and NCCL."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+def distributed_world() -> bool:
+    """Whether torch.distributed runs more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SyncBatchNorm2d(VirtualBatchNorm2d):
+    """BN whose statistics cover every worker of the step, virtual and real.
+
+    One process: BN over the whole batch (``batch * workers`` images); ``virtual_batch`` is
+    ignored in training. Several processes (torch.distributed initialized, world size > 1): each
+    process sums x and x^2 per channel over its images, the sums and the count are all-reduced
+    with :class:`AllReduceSum` (gloo on CPU, NCCL on GPU; ``torch.nn.SyncBatchNorm`` refuses CPU
+    modules), and ``mean = S1 / n``, ``var = S2 / n - mean^2`` normalize every process's images.
+    The running statistics are updated from these global moments (unbiased variance).
+
+    The evaluation tools of :mod:`normbench.bn_eval` (``frozen`` / ``collect`` modes) take
+    statistics per chunk of ``virtual_batch`` images on this process only; they set
+    ``virtual_batch`` to the step's batch for the time of the evaluation.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, virtual_batch=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.stats_mode == "update" and distributed_world():
+            return self._synchronized_forward(x)
+        return super().forward(x)
+
+    def _synchronized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = full_precision(x)
+        channels = x.shape[1]
+        count = torch.full((1,), x.numel() // channels, dtype=xf.dtype, device=x.device)
+        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
+        total = AllReduceSum.apply(local)
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0.0)
+        self._absorb({"running_mean": mean.unsqueeze(0),
+                      "running_var": (var * (n / (n - 1))).unsqueeze(0)})
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        shift = self.bias - mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+# ---- batch-independent layers ----------------------------------------------------------------
 class GroupNorm2d(nn.GroupNorm):
     """``nn.GroupNorm`` with a name that says which family it stands for (gn, ln or in)."""
 
@@ -92,23 +352,203 @@ class GroupNorm2d(nn.GroupNorm):
         return f"{self.kind}: {super().extra_repr()}"
 
 
-def groups_for(num_channels: int, groups: int | None, group_channels: int | None) -> int:
-    """Number of GN groups: from ``group_channels`` (channels per group) when it is set, else
-    ``groups``. Raises when the grouping does not divide ``num_channels``."""
+class FilterResponseNorm2d(nn.Module):
+    """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan 2019).
+
+    Per sample and channel, over the N = H * W positions::
+
+        nu2 = sum_i x_i^2 / N            x_hat = x / sqrt(nu2 + eps)
+        y = gamma * x_hat + beta         z = max(y, tau)            (TLU, tau learned)
+
+    No mean is subtracted; TLU's learned threshold makes up for it. ``apply_act=False`` (a unit
+    with no activation, e.g. the last of a residual branch) leaves out the TLU: ``z = y``.
+    ``learnable_eps`` is the paper's remedy for 1x1 maps, where ``x_hat`` collapses to sign(x):
+    ``eps + |eps_learned|``, with ``eps_learned`` starting at 1e-4 (it must start away from 0,
+    where |.| has no gradient).
+    """
+
+    def __init__(self, num_features: int, *, eps: float = FRN_EPS, learnable_eps: bool = False,
+                 apply_act: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.apply_act = num_features, eps, apply_act
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.tau = nn.Parameter(torch.zeros(num_features)) if apply_act else None
+        self.eps_learned = nn.Parameter(torch.tensor(1e-4)) if learnable_eps else None
+
+    def values_per_statistic(self, batch: int, channels: int, height: int, width: int) -> int:
+        return height * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs()
+        nu2 = full_precision(x).square().mean(dim=(2, 3), keepdim=True)
+        y = x * torch.rsqrt(nu2 + eps) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return torch.maximum(y, self.tau.view(1, -1, 1, 1)) if self.apply_act else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, "
+                f"learnable_eps={self.eps_learned is not None}, apply_act={self.apply_act}")
+
+
+# ---- EvoNorm (Liu, Brock, Simonyan & Le 2020) ------------------------------------------------
+# Both layers fuse normalization and activation. Without their nonlinearity (`apply_act=False`:
+# units with no activation, such as the last of a residual branch or a projection shortcut) the
+# authors' reference code (tensorflow/tpu, `evonorm(..., nonlinearity=False)`) applies the affine
+# transform only, and so do these layers: such a layer has no statistics.
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+class EvoNormS0(nn.Module):
+    """EvoNorm-S0, batch-independent::
+
+        y = x * sigmoid(v1 * x) / sqrt(s2_{c/g,h,w}(x) + eps) * gamma + beta
+
+    ``s2_{c/g,h,w}`` is the (biased) variance of each sample's group of C/G channels, over
+    (C/G, H, W), as in GN; ``v1``, ``gamma``, ``beta`` are per channel (v1 starts at 1).
+    """
+
+    def __init__(self, num_features: int, *, groups: int = 32, eps: float = EPS,
+                 apply_act: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.apply_act = num_features, eps, apply_act
+        self.groups = groups_for(num_features, groups, None, norm="evonorm_s0") if apply_act \
+            else groups
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.v = nn.Parameter(torch.ones(num_features)) if apply_act else None
+
+    def values_per_statistic(self, batch: int, channels: int, height: int, width: int
+                             ) -> int | None:
+        return (channels // self.groups) * height * width if self.apply_act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.apply_act:
+            return _affine(x, self.weight, self.bias)
+        n, c = x.shape[:2]
+        var = full_precision(x).reshape(n, self.groups, -1).var(dim=2, correction=0)
+        std = torch.sqrt(var + self.eps).repeat_interleave(c // self.groups, dim=1)
+        y = x * torch.sigmoid(self.v.view(1, -1, 1, 1) * x) / std.view(n, c, 1, 1)
+        return _affine(y, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, groups={self.groups}, eps={self.eps}, "
+                f"apply_act={self.apply_act}")
+
+
+class EvoNormB0(BatchStatistics, nn.Module):
+    """EvoNorm-B0, batch-dependent, statistics per virtual worker::
+
+        y = x / max(sqrt(s2_{b,h,w}(x) + eps), v1 * x + sqrt(s2_{h,w}(x) + eps)) * gamma + beta
+
+    ``s2_{b,h,w}`` is the (biased) variance of each channel over the chunk's (B, H, W) in
+    training and the running variance in eval mode; ``s2_{h,w}`` the variance of each sample's
+    channel over (H, W). The running variance follows the reference code: moving average of the
+    biased batch variance at rate ``momentum`` (0.1, i.e. TF's decay 0.9), starting at 1.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1,
+                 virtual_batch: int | None = None, apply_act: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.apply_act = apply_act
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.v = nn.Parameter(torch.ones(num_features)) if apply_act else None
+        if apply_act:  # an affine-only layer keeps no statistics
+            self.running_stat_names = ("running_var",)
+            self.register_buffer("running_var", torch.ones(num_features))
+        self._init_batch_statistics(virtual_batch)
+
+    def values_per_statistic(self, batch: int, channels: int, height: int, width: int
+                             ) -> int | None:
+        # the per-sample variance s2_{h,w} is the smaller of the two
+        return height * width if self.apply_act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.apply_act:
+            return _affine(x, self.weight, self.bias)
+        if self.training:
+            chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)
+            batch_var = chunk_moments(chunks)[1]
+            self._absorb({"running_var": per_chunk(batch_var)})
+        else:
+            chunks, batch_var = x.unsqueeze(0), channel_view(self.running_var)
+        instance_var = full_precision(chunks).var(dim=(3, 4), correction=0, keepdim=True)
+        left = torch.sqrt(batch_var + self.eps)
+        right = channel_view(self.v) * chunks + torch.sqrt(instance_var + self.eps)
+        y = (chunks / torch.maximum(left, right)).flatten(0, 1)
+        return _affine(y, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"virtual_batch={self.virtual_batch}, apply_act={self.apply_act}")
+
+
+# ---- Weight Standardization --------------------------------------------------------------------
+class WSConv2d(nn.Conv2d):
+    """A conv whose weight is standardized in every forward (Qiao et al. 2019, section 3)::
+
+        W_hat[i] = (W[i] - mean(W[i])) / sqrt(var(W[i]) + eps)
+
+    per output channel i, over its in_channels * kh * kw weights (biased variance, the paper's
+    formula; the authors' code divides by the unbiased std + 1e-5 instead, a difference far below
+    what the following norm can see). Parameters and state dict are those of ``nn.Conv2d``.
+    """
+
+    eps = WS_EPS
+
+    def standardized_weight(self) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        return (self.weight - mean) / torch.sqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+# ---- the registry ------------------------------------------------------------------------------
+def groups_for(num_channels: int, groups: int | None, group_channels: int | None,
+               norm: str = "gn") -> int:
+    """Number of groups: from ``group_channels`` (channels per group) when it is set, else
+    ``groups``. Raises, naming ``norm``, when the grouping does not divide ``num_channels``."""
     if group_channels is not None:
         if group_channels < 1 or num_channels % group_channels:
-            raise NormConfigError(f"gn: group_channels={group_channels} does not divide "
+            raise NormConfigError(f"{norm}: group_channels={group_channels} does not divide "
                                   f"{num_channels} channels")
         return num_channels // group_channels
     if groups is None or groups < 1 or num_channels % groups:
-        raise NormConfigError(f"gn: groups={groups} does not divide {num_channels} channels "
-                              f"(choose a divisor of {num_channels}, or set group_channels)")
+        advice = ", or set group_channels" if norm == "gn" else ""
+        raise NormConfigError(f"{norm}: groups={groups} does not divide {num_channels} channels "
+                              f"(choose a divisor of {num_channels}{advice})")
     return groups
 
 
 def _build_bn(num_channels: int, *, eps: float = EPS, momentum: float = 0.1,
               virtual_batch: int | None = None) -> nn.Module:
     return VirtualBatchNorm2d(num_channels, eps=eps, momentum=momentum, virtual_batch=virtual_batch)
+
+
+def _build_brn(num_channels: int, *, eps: float = EPS, momentum: float = 0.01,
+               r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
+               r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+               virtual_batch: int | None = None) -> nn.Module:
+    if r_max < 1 or d_max < 0:
+        raise NormConfigError(f"brn: r_max={r_max}, d_max={d_max} are not allowed; r_max must "
+                              f"be >= 1 and d_max >= 0")
+    for key, step in (("r_max_reached_at", r_max_reached_at),
+                      ("d_max_reached_at", d_max_reached_at)):
+        if warmup_steps < 0 or step < warmup_steps:
+            raise NormConfigError(f"brn: {key}={step} is not allowed with warmup_steps="
+                                  f"{warmup_steps}; it must be >= warmup_steps >= 0")
+    return BatchRenorm2d(num_channels, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max,
+                         warmup_steps=warmup_steps, r_max_reached_at=r_max_reached_at,
+                         d_max_reached_at=d_max_reached_at, virtual_batch=virtual_batch)
+
+
+def _build_syncbn(num_channels: int, *, eps: float = EPS, momentum: float = 0.1,
+                  virtual_batch: int | None = None) -> nn.Module:
+    # virtual_batch is ignored: the statistics cover every worker of the step
+    return SyncBatchNorm2d(num_channels, eps=eps, momentum=momentum)
 
 
 def _build_gn(num_channels: int, *, groups: int | None = 32, group_channels: int | None = None,
@@ -124,6 +564,23 @@ def _build_in(num_channels: int, *, eps: float = EPS) -> nn.Module:
     return GroupNorm2d(num_channels, num_channels, eps=eps, kind="in")
 
 
+def _build_frn(num_channels: int, *, eps: float = FRN_EPS, learnable_eps: bool = False,
+               apply_act: bool = True) -> nn.Module:
+    return FilterResponseNorm2d(num_channels, eps=eps, learnable_eps=learnable_eps,
+                                apply_act=apply_act)
+
+
+def _build_evonorm_b0(num_channels: int, *, eps: float = EPS, momentum: float = 0.1,
+                      virtual_batch: int | None = None, apply_act: bool = True) -> nn.Module:
+    return EvoNormB0(num_channels, eps=eps, momentum=momentum, virtual_batch=virtual_batch,
+                     apply_act=apply_act)
+
+
+def _build_evonorm_s0(num_channels: int, *, groups: int = 32, eps: float = EPS,
+                      apply_act: bool = True) -> nn.Module:
+    return EvoNormS0(num_channels, groups=groups, eps=eps, apply_act=apply_act)
+
+
 def _build_none(num_channels: int) -> nn.Module:
     return nn.Identity()
 
@@ -134,13 +591,22 @@ class NormSpec:
 
     build: Callable[..., nn.Module]
     batch_dependent: bool  # statistics mix images of a worker's batch (BN-like)
-    min_batch: int  # smallest images-per-worker the layer can train with
+    min_batch: int  # smallest statistics batch the layer can train with (see step_statistics)
     summary: str
+    # statistics over every worker of the step (batch * workers images), not per worker
+    step_statistics: bool = False
+    # the layer includes its own nonlinearity and takes the place of the unit's activation;
+    # its builder takes `apply_act` (False in units that have no activation)
+    replaces_activation: bool = False
 
 
 NORMS: dict[str, NormSpec] = {
     "bn": NormSpec(_build_bn, batch_dependent=True, min_batch=2,
                    summary="BatchNorm, statistics per worker (virtual workers: per chunk)"),
+    "brn": NormSpec(_build_brn, batch_dependent=True, min_batch=2,
+                    summary="Batch Renormalization (Ioffe 2017), statistics per worker"),
+    "syncbn": NormSpec(_build_syncbn, batch_dependent=True, min_batch=2, step_statistics=True,
+                       summary="BatchNorm with statistics over every worker of the step"),
     "gn": NormSpec(_build_gn, batch_dependent=False, min_batch=1,
                    summary="GroupNorm, `groups` groups or `group_channels` channels per group"),
     "ln": NormSpec(_build_ln, batch_dependent=False, min_batch=1,
@@ -148,8 +614,19 @@ NORMS: dict[str, NormSpec] = {
     "in": NormSpec(_build_in, batch_dependent=False, min_batch=1,
                    summary="InstanceNorm as in the GN paper: GN with one group per channel, "
                            "per-channel affine"),
+    "frn": NormSpec(_build_frn, batch_dependent=False, min_batch=1, replaces_activation=True,
+                    summary="Filter Response Normalization with TLU (Singh & Krishnan 2019)"),
+    "evonorm_b0": NormSpec(_build_evonorm_b0, batch_dependent=True, min_batch=2,
+                           replaces_activation=True,
+                           summary="EvoNorm-B0 (Liu et al. 2020), batch variance per worker"),
+    "evonorm_s0": NormSpec(_build_evonorm_s0, batch_dependent=False, min_batch=1,
+                           replaces_activation=True,
+                           summary="EvoNorm-S0 (Liu et al. 2020), grouped, batch-independent"),
     "none": NormSpec(_build_none, batch_dependent=False, min_batch=1, summary="no normalization"),
 }
+
+# Builder arguments that the model supplies, not the user: not options, not in the YAML.
+_STRUCTURAL_ARGS = ("virtual_batch", "apply_act")
 
 
 def norm_spec(name: str) -> NormSpec:
@@ -161,19 +638,21 @@ def norm_spec(name: str) -> NormSpec:
 
 
 def norm_options(name: str) -> dict[str, Any]:
-    """The options norm ``name`` takes, with the library's defaults (the paper's values)."""
+    """The options norm ``name`` takes, with the library's defaults (the papers' values)."""
     params = inspect.signature(norm_spec(name).build).parameters.values()
     return {p.name: p.default for p in params
-            if p.kind is p.KEYWORD_ONLY and p.name != "virtual_batch"}
+            if p.kind is p.KEYWORD_ONLY and p.name not in _STRUCTURAL_ARGS}
 
 
 def build_norm(name: str, num_channels: int, *, virtual_batch: int | None = None,
-               **options: Any) -> nn.Module:
+               with_activation: bool = True, **options: Any) -> nn.Module:
     """Build the norm ``name`` for ``num_channels`` channels.
 
     ``options`` are the norm's own settings (``groups``, ``group_channels``, ``eps``, ...; see
     :func:`norm_options` and ``conf/norm/<name>.yaml``). ``virtual_batch`` is the per-worker
-    batch, used only by batch-dependent norms. An option the norm does not take is an error.
+    batch, used only by batch-dependent norms. ``with_activation`` matters only to norms that
+    replace the activation: False builds them without their nonlinearity, for units that have
+    no activation. An option the norm does not take is an error.
     """
     spec = norm_spec(name)
     unknown = sorted(set(options) - set(norm_options(name)))
@@ -182,11 +661,14 @@ def build_norm(name: str, num_channels: int, *, virtual_batch: int | None = None
                               f"its options are: {', '.join(norm_options(name)) or 'none'}")
     if spec.batch_dependent:
         options["virtual_batch"] = virtual_batch
+    if spec.replaces_activation:
+        options["apply_act"] = with_activation
     return spec.build(num_channels, **options)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every norm layer in ``model`` that has statistics."""
+    """(qualified name, module) of every norm layer in ``model`` (those that define
+    ``values_per_statistic``; it returns None for a layer without statistics)."""
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "values_per_statistic")]
 
 
@@ -212,6 +694,9 @@ def build_activation(name: str) -> nn.Module:
                               f"{', '.join(ACTIVATIONS)}") from None
 
 
-__all__ = ["ACTIVATIONS", "EPS", "NORMS", "GroupNorm2d", "NormConfigError", "NormSpec",
-           "VirtualBatchNorm2d", "build_activation", "build_norm", "groups_for", "norm_layers",
-           "norm_options", "norm_spec"]
+__all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "NORMS", "STATS_MODES", "WS_EPS", "AllReduceSum",
+           "BatchRenorm2d", "BatchStatistics", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d",
+           "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum", "SyncBatchNorm2d",
+           "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm", "chunk_moments",
+           "distributed_world", "groups_for", "norm_layers", "norm_options", "norm_spec",
+           "worker_chunks"]

@@ -1,0 +1,386 @@
+"""Matplotlib figures of an experiment, in the style of the Group Normalization paper.
+
+Every function takes frames from normbench.results and returns a Figure (or None when the data
+has nothing for that figure); saving is the caller's business (normbench.report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines and CI; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+import matplotlib.transforms as mtransforms  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from normbench.results import PAPER_GN_GROUP_CHANNELS, PAPER_GN_GROUPS  # noqa: E402
+
+# Columns summarize() adds; every other column of a summary is a key of the cell.
+STAT_COLUMNS = ("metric", "mean", "std", "count", "diverged", "failed", "incomplete")
+# Columns of load_curves() that are not keys of a learning curve.
+CURVE_VALUE_COLUMNS = (
+    "run_dir", "status", "seed", "epoch", "step", "train_loss", "train_error", "test_loss",
+    "test_error", "lr", "images_per_second", "epoch_time", "wall_time", "train_mode_test_error",
+    "bn_gap",
+)
+
+# Fixed colours so a norm looks the same in every figure and every report.
+NORM_COLORS = {
+    "bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green", "in": "tab:red", "brn": "tab:purple",
+    "syncbn": "tab:brown", "frn": "tab:pink", "evonorm_s0": "tab:olive", "evonorm_b0": "tab:cyan",
+    "none": "tab:gray",
+}
+METRIC_LABELS = {
+    "median5_error": "test error, median of last 5 epochs (%)",
+    "final_error": "test error, last epoch (%)",
+    "best_error": "best test error (%)",
+    "bn_gap": "train-mode minus eval-mode test error (points)",
+}
+PLACEMENT_TITLES = {
+    "before": "placement before: conv → norm → act",
+    "after": "placement after: conv → act → norm",
+}
+DIVERGED_MARKER = {"marker": "x", "markersize": 9, "markeredgewidth": 2, "linestyle": "none"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def norm_color(norm: object, index: int = 0) -> str:
+    """Return the colour of a norm; unknown norms take a colour from the cycle."""
+    return NORM_COLORS.get(str(norm), f"C{index % 10}")
+
+
+def series_columns(frame: pd.DataFrame, exclude: Sequence[str]) -> list[str]:
+    """Return the key columns that tell one line from another: `norm` first, then others."""
+    keys = [c for c in frame.columns if c not in exclude]
+    return sorted(keys, key=lambda c: (c != "norm", c))
+
+
+def format_value(value: object) -> str:
+    """Return a config value as text: 32.0 (a number pandas made float) reads as 32."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def series_label(key: dict, varying: Sequence[str]) -> str:
+    """Return a legend label: the norm, plus `name=value` for other keys that vary."""
+    name = str(key.get("norm", "runs"))
+    shown = [c for c in varying if c != "norm" and not pd.isna(key[c])]
+    if "norm.group_channels" in shown:
+        # channels per group replaces the number of groups, which then only holds its default
+        shown = [c for c in shown if c != "norm.groups"]
+    details = [f"{column.split('.')[-1]}={format_value(key[column])}" for column in shown]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def iter_series(frame: pd.DataFrame, keys: Sequence[str]) -> Iterator[tuple[dict, pd.DataFrame]]:
+    """Yield (key as {column: value}, rows) per line, in sorted order; missing values kept."""
+    if not keys:
+        yield {}, frame
+        return
+    for values, rows in frame.groupby(list(keys), dropna=False, sort=True):
+        yield dict(zip(keys, values, strict=True)), rows
+
+
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
+
+
+def line_style(key: dict, style_keys: Sequence[tuple]) -> dict:
+    """Return linestyle and marker for a line: colour tells the norm, style tells the rest."""
+    # Compared as strings: a missing value (NaN) never equals itself.
+    rest = tuple(str(v) for k, v in key.items() if k != "norm")
+    index = style_keys.index(rest) if rest in style_keys else 0
+    return {"linestyle": LINESTYLES[index % len(LINESTYLES)],
+            "marker": MARKERS[index % len(MARKERS)]}
+
+
+def style_keys_of(frame: pd.DataFrame, keys: Sequence[str]) -> list[tuple]:
+    """Return the distinct values of the non-norm keys, in a stable order, for line_style."""
+    rest = [k for k in keys if k != "norm"]
+    if not rest:
+        return [()]
+    values = frame[rest].drop_duplicates().sort_values(rest)
+    return [tuple(str(v) for v in row) for row in values.itertuples(index=False)]
+
+
+def varying_columns(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    return [c for c in keys if frame[c].nunique(dropna=False) > 1]
+
+
+def set_batch_axis(ax: Axes, batches: Sequence[float]) -> None:
+    """Log2 x axis with one tick per batch, largest batch on the left (the paper's Figure 1)."""
+    batches = sorted({float(b) for b in batches})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.set_xlim(max(batches) * 1.4, min(batches) / 1.4)
+    ax.set_xlabel("batch per worker (images)")
+
+
+def ordered_placements(frame: pd.DataFrame) -> list:
+    """Return the placements in the frame, `before` (the usual conv -> norm -> act) first."""
+    if "placement" not in frame.columns:
+        return [None]
+    present = list(frame["placement"].dropna().unique())
+    return sorted(present, key=lambda p: (p != "before", p != "after", str(p)))
+
+
+def _panels(n: int, width: float = 5.5, height: float = 4.2,
+            sharey: bool = True) -> tuple[Figure, list[Axes]]:
+    """Return a figure with n panels side by side."""
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), sharey=sharey, squeeze=False,
+                             layout="constrained")
+    return fig, list(axes[0])
+
+
+def _metric_of(summary_df: pd.DataFrame, default: str = "median5_error") -> str:
+    if "metric" in summary_df.columns and summary_df["metric"].notna().any():
+        return str(summary_df["metric"].dropna().iloc[0])
+    return default
+
+
+def _mark_diverged(ax: Axes, batch: float, row_index: int, color: str, diverged: int,
+                   finished: int) -> None:
+    """Draw an x at the top of the panel above `batch`, with how many seeds diverged.
+
+    The y position is in axes coordinates so the marker stays visible whatever the data range;
+    each line gets its own row so markers of several norms do not cover each other.
+    """
+    y = 0.95 - 0.08 * row_index
+    to_axes = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    ax.plot([batch], [y], color=color, transform=to_axes, clip_on=False, gid="diverged",
+            **DIVERGED_MARKER)
+    text = "diverged" if diverged == finished else f"{diverged}/{finished} diverged"
+    ax.annotate(text, (batch, y), xycoords=to_axes, xytext=(0, -12), textcoords="offset points",
+                ha="center", color=color, fontsize=8)
+
+
+def _leave_room_at_top(ax: Axes, rows_needed: int) -> None:
+    """Raise the y limit so the data stays below the diverged markers."""
+    if rows_needed == 0:
+        return
+    low, high = ax.get_ylim()
+    free_fraction = min(0.1 + 0.08 * rows_needed, 0.6)
+    ax.set_ylim(low, low + (high - low) / (1.0 - free_fraction))
+
+
+def _plot_cells_vs_batch(ax: Axes, cells: pd.DataFrame, keys: Sequence[str],
+                         varying: Sequence[str], mark_diverged: bool) -> int:
+    """Draw mean +- std per line against batch; return how many lines got diverged markers."""
+    marked_rows = 0
+    styles = style_keys_of(cells, keys)
+    for index, (key, rows) in enumerate(iter_series(cells, keys)):
+        rows = rows.sort_values("batch", ascending=False)
+        color = norm_color(key.get("norm"), index)
+        label = series_label(key, varying)
+        done = rows[rows["count"] > 0]
+        if len(done):
+            ax.errorbar(done["batch"], done["mean"], yerr=done["std"].fillna(0.0), color=color,
+                        capsize=3, label=label, **line_style(key, styles))
+        diverged_rows = rows[rows["diverged"] > 0] if mark_diverged else rows.iloc[:0]
+        for _, cell in diverged_rows.iterrows():
+            _mark_diverged(ax, cell["batch"], marked_rows, color, int(cell["diverged"]),
+                           int(cell["diverged"] + cell["count"]))
+        if len(diverged_rows):
+            if not len(done):  # a line that only diverged still needs a legend entry
+                ax.plot([], [], color=color, marker="x", linestyle="none", label=label)
+            marked_rows += 1
+    return marked_rows
+
+
+def _plot_reference(ax: Axes, reference: pd.DataFrame, norms: set, label: str) -> None:
+    """Draw published numbers (norm, batch, error) as thin dashed lines for the norms we ran."""
+    for index, (norm, rows) in enumerate(reference.groupby("norm", sort=True)):
+        if norm not in norms:
+            continue
+        rows = rows.sort_values("batch", ascending=False)
+        ax.plot(rows["batch"], rows["error"], color=norm_color(norm, index), linestyle="--",
+                linewidth=1, marker=".", alpha=0.6, label=f"{norm} ({label})", gid="reference")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def error_vs_batch(
+    summary_df: pd.DataFrame,
+    *,
+    title: str | None = None,
+    reference: pd.DataFrame | None = None,
+    reference_label: str = "reference",
+) -> Figure:
+    """Error against batch per worker, a line per norm, a panel per placement (paper Figure 1).
+
+    summary_df: summarize() output with at least `norm`, `batch` and the stat columns. The x axis
+    is log2 from the largest batch on the left to the smallest on the right; points are the mean
+    over seeds with std error bars. Cells where seeds diverged get an x at the top of the panel.
+    reference: optional (norm, batch, error) frame, e.g. results.PAPER_RESNET50_IMAGENET, drawn
+    dashed for the norms present in summary_df.
+    """
+    keys = series_columns(summary_df, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    varying = varying_columns(summary_df, keys)
+    placements = ordered_placements(summary_df)
+    fig, axes = _panels(len(placements))
+    batches = list(summary_df["batch"].unique())
+    if reference is not None:
+        batches += list(reference.loc[reference["norm"].isin(summary_df["norm"]), "batch"])
+    most_marked = 0
+    for ax, placement in zip(axes, placements, strict=True):
+        cells = summary_df
+        if placement is not None:
+            cells = summary_df[summary_df["placement"] == placement]
+        if reference is not None:
+            _plot_reference(ax, reference, set(cells["norm"]), reference_label)
+        marked = _plot_cells_vs_batch(ax, cells, keys, varying, mark_diverged=True)
+        set_batch_axis(ax, batches)
+        ax.set_title(PLACEMENT_TITLES.get(placement, f"placement {placement}") if placement else "")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        most_marked = max(most_marked, marked)
+    # The panels share y, so the room for diverged markers is made once, for the fullest panel.
+    _leave_room_at_top(axes[0], most_marked)
+    axes[0].set_ylabel(METRIC_LABELS.get(_metric_of(summary_df), "error (%)"))
+    fig.suptitle(title or "Error vs batch per worker (mean ± std over seeds)")
+    return fig
+
+
+def training_curves(
+    curves_df: pd.DataFrame,
+    *,
+    batch: int | None = None,
+    statuses: Sequence[str] = ("completed",),
+    title: str | None = None,
+) -> Figure | None:
+    """Train and test error against epoch, a line per norm at one batch (paper Figure 4).
+
+    batch defaults to the largest batch in the data; seeds are averaged per epoch and counted in
+    the legend (`bn, n=2`). Only runs whose status is in `statuses` are drawn (by default
+    completed runs: a diverged run would stretch the axis). Returns None when nothing is left.
+    """
+    curves = curves_df[curves_df["status"].isin(statuses)]
+    if curves.empty:
+        return None
+    batch = int(curves["batch"].max()) if batch is None else batch
+    curves = curves[curves["batch"] == batch]
+    if curves.empty:
+        return None
+    keys = series_columns(curves, exclude=(*CURVE_VALUE_COLUMNS, "batch"))
+    keys = [c for c in keys if c == "norm" or curves[c].nunique(dropna=False) > 1]
+    styles = style_keys_of(curves, keys)
+    fig, axes = _panels(2, sharey=False)
+    for ax, metric, name in zip(axes, ("train_error", "test_error"), ("train error", "test error"),
+                                strict=True):
+        for index, (key, rows) in enumerate(iter_series(curves, keys)):
+            mean = rows.groupby("epoch")[metric].mean()
+            seeds = rows["run_dir"].nunique()
+            ax.plot(mean.index, mean.values, color=norm_color(key.get("norm"), index),
+                    linestyle=line_style(key, styles)["linestyle"],
+                    label=f"{series_label(key, keys)}, n={seeds}")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{name} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"Error curves at batch {batch} per worker (mean over n seeds)")
+    return fig
+
+
+def _with_ln_and_in_as_groups(summary_df: pd.DataFrame) -> pd.DataFrame:
+    """Return the gn cells, with ln as G=1 and in as 1 channel per group (the paper's Table 3)."""
+    frame = summary_df.copy()
+    for column in ("norm.groups", "norm.group_channels"):
+        if column not in frame.columns:
+            frame[column] = float("nan")
+    frame.loc[frame["norm"] == "ln", "norm.groups"] = 1
+    frame.loc[frame["norm"] == "in", "norm.group_channels"] = 1
+    return frame[frame["norm"].isin(["gn", "ln", "in"])]
+
+
+def groups_ablation(
+    summary_df: pd.DataFrame,
+    *,
+    reference: bool = False,
+    title: str | None = None,
+) -> Figure | None:
+    """Error against number of groups and against channels per group, for GN (paper Table 3).
+
+    summary_df: summarize() grouped by at least `norm`, `batch`, `norm.groups` and/or
+    `norm.group_channels`. ln and in cells join as G=1 and 1 channel per group. reference draws the
+    paper's ResNet-50 ImageNet ablation. Returns None when neither setting varies.
+    """
+    if "norm.groups" not in summary_df.columns and "norm.group_channels" not in summary_df.columns:
+        return None
+    cells = _with_ln_and_in_as_groups(summary_df)
+    by_groups = cells[cells["norm.groups"].notna() & cells["norm.group_channels"].isna()]
+    by_channels = cells[cells["norm.group_channels"].notna()]
+    panels = [
+        ("norm.groups", by_groups, "number of groups G", PAPER_GN_GROUPS, "groups", "LN"),
+        ("norm.group_channels", by_channels, "channels per group", PAPER_GN_GROUP_CHANNELS,
+         "group_channels", "IN"),
+    ]
+    panels = [p for p in panels if p[1][p[0]].nunique() > 1]
+    if not panels:
+        return None
+    fig, axes = _panels(len(panels))
+    for ax, (column, rows, xlabel, paper, paper_column, one_is) in zip(axes, panels, strict=True):
+        keys = ["norm", *varying_columns(rows, [c for c in ("batch", "placement") if c in rows])]
+        styles = style_keys_of(rows, keys)
+        for index, (key, line) in enumerate(iter_series(rows, keys)):
+            line = line[line["count"] > 0].sort_values(column)
+            ax.errorbar(line[column], line["mean"], yerr=line["std"].fillna(0.0), capsize=3,
+                        color=norm_color(key["norm"], index), label=series_label(key, keys),
+                        **line_style(key, styles))
+        if reference:
+            ax.plot(paper[paper_column], paper["error"], linestyle="--", linewidth=1, marker=".",
+                    color="gray", label="paper (ResNet-50, ImageNet)", gid="reference")
+        values = set(rows[column].astype(float))
+        if reference:
+            values |= set(paper[paper_column].astype(float))
+        values = sorted(values)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:g}" + (f"\n({one_is})" if v == 1 else "") for v in values])
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
+        # Largest on the left, as the paper's table reads: towards LN (G=1) or IN (1 channel).
+        ax.set_xlim(max(values) * 1.4, min(values) / 1.4)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"GN, error vs {xlabel}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(METRIC_LABELS.get(_metric_of(summary_df), "error (%)"))
+    fig.suptitle(title or "Group Normalization: groups ablation (mean ± std over seeds)")
+    return fig
+
+
+def bn_gap_vs_batch(summary_df: pd.DataFrame, *, title: str | None = None) -> Figure | None:
+    """Train-mode minus eval-mode test error against batch, a line per batch-dependent norm.
+
+    summary_df: summarize(runs, metric="bn_gap"). A large gap at small batch is BN's train/test
+    inconsistency (Wu & Johnson 2021). Returns None when no run recorded the gap.
+    """
+    if _metric_of(summary_df, default="bn_gap") != "bn_gap":
+        raise ValueError(f"bn_gap_vs_batch needs summarize(..., metric='bn_gap'), got "
+                         f"metric={_metric_of(summary_df)!r}")
+    cells = summary_df[summary_df["mean"].notna()]
+    if cells.empty:
+        return None
+    keys = series_columns(cells, exclude=(*STAT_COLUMNS, "batch"))
+    varying = varying_columns(cells, keys)
+    fig, (ax,) = _panels(1, width=6.0)
+    _plot_cells_vs_batch(ax, cells, keys, varying, mark_diverged=False)
+    set_batch_axis(ax, list(summary_df["batch"].unique()))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel(METRIC_LABELS["bn_gap"])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title or "Batch-statistics gap vs batch per worker (mean ± std over seeds)")
+    return fig

@@ -1,0 +1,494 @@
+"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv and figures.
+
+The report reads local run folders only (normbench.results) and records how they were made: the
+command, the machine and the software versions, so a file under results/ can be traced back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from normbench import plots
+from normbench.results import (
+    KERAS_RESNET32_CIFAR10,
+    KERAS_SOURCE,
+    PAPER_GN_GROUP_CHANNELS,
+    PAPER_GN_GROUPS,
+    PAPER_RESNET50_IMAGENET,
+    PAPER_SOURCE,
+    curves_of,
+    extra_factors,
+    load_runs,
+    summarize,
+    swept_columns,
+)
+
+log = logging.getLogger(__name__)
+
+COMMAND_FILE = "command.txt"
+CORE_KEYS = ("norm", "placement", "batch")
+STATUS_ORDER = ("completed", "diverged", "failed", "incomplete")
+# Settings worth stating in the report when every run shares them.
+KEY_SETTINGS = (
+    "model", "model.stem", "model.width", "dataset", "epochs", "workers", "batch", "placement",
+    "act", "optim.lr_per_256", "optim.momentum", "optim.weight_decay",
+)
+MISSING = "–"
+
+
+# --------------------------------------------------------------------------- what the runs are
+
+
+def experiment_name(runs: pd.DataFrame, experiment_dir: Path) -> str:
+    """Return the runs' `experiment` config value, or the folder name when they have none."""
+    if "experiment" in runs.columns and runs["experiment"].notna().any():
+        return ", ".join(sorted(str(v) for v in runs["experiment"].dropna().unique()))
+    return experiment_dir.name
+
+
+def _single_value(runs: pd.DataFrame, column: str) -> str | None:
+    """Return the column's value when all runs share it, else None."""
+    if column not in runs.columns or runs[column].nunique(dropna=False) != 1:
+        return None
+    return str(runs[column].iloc[0])
+
+
+def compares_with_paper(runs: pd.DataFrame) -> bool:
+    """True for the paper's setting: the gn_paper experiment, or ResNet-50 on ImageNet-style data
+    (a dataset named imagenet, or an image folder with the imagenet preset)."""
+    if _single_value(runs, "experiment") == "gn_paper":
+        return True
+    imagenet = ((_single_value(runs, "dataset") or "").lower().startswith("imagenet")
+                or _single_value(runs, "dataset.preset") == "imagenet")
+    return imagenet and _single_value(runs, "model") == "resnet50"
+
+
+def is_cifar10(runs: pd.DataFrame) -> bool:
+    """True when every run trained on CIFAR-10 (the Keras reference is CIFAR-10 only)."""
+    dataset = (_single_value(runs, "dataset") or "").lower().replace("-", "").replace("_", "")
+    return dataset == "cifar10"
+
+
+def runs_command(experiment_dir: Path, command: str | None) -> str | None:
+    """Return the command that produced the runs: the argument, else the folder's command.txt."""
+    if command:
+        return command
+    path = experiment_dir / COMMAND_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def format_cell(cell: pd.Series | None) -> str:
+    """Return one table cell: mean ± std (n seeds), and any seeds that did not complete.
+
+    A cell with no completed seed is shown in bold with what happened to its seeds.
+    """
+    if cell is None:
+        return MISSING
+    others = [f"{int(cell[s])} {s}" for s in STATUS_ORDER[1:] if cell[s] > 0]
+    count = int(cell["count"])
+    if count == 0:
+        return f"**{', '.join(others)}**" if others else MISSING
+    value = f"{cell['mean']:.2f}" if count == 1 else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    return f"{value} ({', '.join([f'n={count}', *others])})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Return a GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _batches_descending(*frames: pd.DataFrame) -> list[int]:
+    return sorted({int(b) for frame in frames for b in frame["batch"]}, reverse=True)
+
+
+def _series(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Return (label, cells) per table row: norm plus any extra factor of the experiment."""
+    keys = plots.series_columns(summary, exclude=(*plots.STAT_COLUMNS, "batch", "placement"))
+    varying = plots.varying_columns(summary, keys)
+    return [(plots.series_label(key, varying), cells)
+            for key, cells in plots.iter_series(summary, keys)]
+
+
+def _cells_by_batch(cells: pd.DataFrame, batches: Sequence[int]) -> list[str]:
+    by_batch = {int(row["batch"]): row for _, row in cells.iterrows()}
+    return [format_cell(by_batch.get(batch)) for batch in batches]
+
+
+def results_tables(summary: pd.DataFrame) -> str:
+    """Return a norm x batch table per placement of a summarize() frame."""
+    batches = _batches_descending(summary)
+    header = ["norm", *[f"batch {b}" for b in batches]]
+    sections = []
+    for placement in plots.ordered_placements(summary):
+        cells = summary if placement is None else summary[summary["placement"] == placement]
+        rows = [[label, *_cells_by_batch(series, batches)] for label, series in _series(cells)]
+        title = plots.PLACEMENT_TITLES.get(placement, f"placement {placement}")
+        sections.append((f"**{title}**\n\n" if placement else "") + markdown_table(header, rows))
+    return "\n\n".join(sections)
+
+
+def comparison_table(summary: pd.DataFrame, reference: pd.DataFrame, reference_name: str) -> str:
+    """Return a table with our row and the reference row of each norm next to each other."""
+    batches = _batches_descending(summary, reference)
+    placements = plots.ordered_placements(summary)
+    rows = []
+    for norm in sorted(set(summary["norm"]) | set(reference["norm"])):
+        for placement in placements:
+            ours = summary[summary["norm"] == norm]
+            if placement is not None:
+                ours = ours[ours["placement"] == placement]
+            where = "ours" if len(placements) == 1 else f"ours, {placement}"
+            for label, series in _series(ours):
+                rows.append([f"{label} ({where})", *_cells_by_batch(series, batches)])
+        theirs = reference[reference["norm"] == norm].set_index("batch")["error"]
+        if len(theirs):
+            rows.append([f"{norm} ({reference_name})",
+                         *[f"{theirs[b]:.2f}" if b in theirs.index else MISSING for b in batches]])
+    return markdown_table(["norm", *[f"batch {b}" for b in batches]], rows)
+
+
+def groups_comparison_table(summary: pd.DataFrame) -> str | None:
+    """Return GN error by groups and by channels per group, ours beside the paper's Table 3."""
+    sections = []
+    for column, paper, paper_column, name in (
+        ("norm.groups", PAPER_GN_GROUPS, "groups", "groups G"),
+        ("norm.group_channels", PAPER_GN_GROUP_CHANNELS, "group_channels", "channels per group"),
+    ):
+        if column not in summary.columns:
+            continue
+        ours = summary[(summary["norm"] == "gn") & summary[column].notna()]
+        if column == "norm.groups" and "norm.group_channels" in summary.columns:
+            ours = ours[ours["norm.group_channels"].isna()]  # those runs sweep channels instead
+        # One cell per value: the paper's setting, 32 per worker, placement before.
+        ours = ours[ours["batch"] == 32]
+        if "placement" in ours.columns and ours["placement"].nunique() > 1:
+            ours = ours[ours["placement"] == "before"]
+        if ours[column].nunique() < 2:
+            continue
+        values = sorted({int(v) for v in paper[paper_column]} | {int(v) for v in ours[column]},
+                        reverse=True)
+        by_value = {int(row[column]): row for _, row in ours.iterrows()}
+        paper_by_value = paper.set_index(paper_column)["error"]
+        rows = [
+            ["ours", *[format_cell(by_value.get(v)) for v in values]],
+            ["paper", *[f"{paper_by_value[v]:.2f}" if v in paper_by_value.index else MISSING
+                        for v in values]],
+        ]
+        sections.append(markdown_table([name, *[str(v) for v in values]], rows))
+    return "\n\n".join(sections) if sections else None
+
+
+def status_table(runs: pd.DataFrame) -> str:
+    counts = runs["status"].value_counts()
+    statuses = [*STATUS_ORDER, *sorted(set(counts.index) - set(STATUS_ORDER))]
+    return markdown_table(["status", "runs"], [[s, int(counts.get(s, 0))] for s in statuses])
+
+
+def _problem_detail(run: pd.Series) -> str:
+    if run["status"] == "diverged":
+        return f"diverged at epoch {run['diverged_epoch']:g}, step {run['diverged_step']:g}"
+    if run["status"] == "failed":
+        return str(run["error_message"] or "no error message").splitlines()[0]
+    planned = f" of {run['epochs']:g}" if "epochs" in run and pd.notna(run["epochs"]) else ""
+    return f"{run['epochs_done']:g}{planned} epochs done"
+
+
+def problem_runs_table(runs: pd.DataFrame, experiment_dir: Path) -> str | None:
+    """Return a table of the runs that did not complete, with why; None when all completed."""
+    problems = runs[runs["status"] != "completed"]
+    if problems.empty:
+        return None
+    keys = [c for c in (*CORE_KEYS, "seed") if c in runs.columns]
+    rows = [
+        [Path(run["run_dir"]).relative_to(experiment_dir).as_posix(), run["status"],
+         *[run[k] for k in keys], _problem_detail(run)]
+        for _, run in problems.iterrows()
+    ]
+    return markdown_table(["run", "status", *keys, "detail"], rows)
+
+
+def settings_lines(runs: pd.DataFrame) -> list[str]:
+    """Return markdown bullets: what was swept (with its values) and the key fixed settings."""
+    lines = []
+    for column in swept_columns(runs):
+        values = sorted({plots.format_value(v) for v in runs[column].dropna()}, key=_natural)
+        lines.append(f"- swept `{column}`: {', '.join(values)}")
+    for column in KEY_SETTINGS:
+        value = _single_value(runs, column)
+        if value is not None:
+            lines.append(f"- `{column}` = {value}")
+    return lines
+
+
+def _natural(text: str) -> tuple:
+    """Sort key putting numbers in numeric order before words."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo (Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def gpu_names() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "unknown (torch not installed)"
+    if not torch.cuda.is_available():
+        return "none (torch.cuda not available)"
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return ", ".join(names)
+
+
+def git_commit() -> str:
+    """Return normbench's git commit, with `-dirty` when tracked files have changes."""
+    repo = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout or no commit yet)"
+    return commit + ("-dirty" if dirty else "")
+
+
+def trained_on(runs: pd.DataFrame) -> str:
+    """Return the devices the runs' summaries name, with run counts, e.g. `cuda (12 runs)`."""
+    counts = runs["trained_on"].fillna("not recorded").value_counts()
+    return ", ".join(f"{device} ({count} run{'s' if count > 1 else ''})"
+                     for device, count in counts.items())
+
+
+def environment_info() -> dict[str, str]:
+    """Return the hardware and software this report was generated with."""
+    return {
+        "CPU": cpu_model(),
+        "CPU cores": str(os.cpu_count()),
+        "GPU": gpu_names(),
+        "OS": platform.platform(),
+        "python": platform.python_version(),
+        **{package: _version(package) for package in ("torch", "torchvision", "pandas", "matplotlib")},
+        "normbench commit": git_commit(),
+    }
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]) -> dict[str, Figure]:
+    """Return every figure that applies to these runs, by file stem."""
+    figures: dict[str, Figure | None] = {}
+    if summary["batch"].nunique() > 1:
+        reference, reference_label = None, "reference"
+        if compares_with_paper(runs):
+            reference, reference_label = PAPER_RESNET50_IMAGENET, "paper"
+        elif is_cifar10(runs):
+            reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
+        figures["error_vs_batch"] = plots.error_vs_batch(summary, reference=reference,
+                                                         reference_label=reference_label)
+    curves = curves_of(runs)
+    if not curves.empty:
+        for batch in sorted({int(summary["batch"].max()), int(summary["batch"].min())}, reverse=True):
+            figures[f"training_curves_batch{batch}"] = plots.training_curves(curves, batch=batch)
+    # A groups sweep is always a reproduction of the paper's Table 3, so its numbers are drawn too.
+    figures["groups_ablation"] = plots.groups_ablation(summary, reference=True)
+    figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by))
+    return {name: figure for name, figure in figures.items() if figure is not None}
+
+
+def save_figures(figures: dict[str, Figure], figure_dir: Path) -> dict[str, Path]:
+    """Save each figure as PNG and SVG; return the PNG paths. Closes the figures."""
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    # A fixed salt and no date keep the SVGs identical across regenerations (clean git diffs).
+    with plt.rc_context({"svg.hashsalt": "normbench"}):
+        for name, figure in figures.items():
+            paths[name] = figure_dir / f"{name}.png"
+            figure.savefig(paths[name], dpi=150)
+            figure.savefig(figure_dir / f"{name}.svg", metadata={"Date": None})
+            plt.close(figure)
+    return paths
+
+
+FIGURE_CAPTIONS = {
+    "error_vs_batch": "Error against batch per worker (as the paper's Figure 1). x marks a cell "
+                      "where seeds diverged.",
+    "groups_ablation": "GN error against number of groups and channels per group (as the paper's "
+                       "Table 3).",
+    "bn_gap_vs_batch": "Test error with batch statistics minus test error with running statistics.",
+}
+
+
+def _caption(name: str) -> str:
+    if name.startswith("training_curves_batch"):
+        batch = name.removeprefix("training_curves_batch")
+        return f"Train and test error per epoch at batch {batch} (as the paper's Figure 4)."
+    return FIGURE_CAPTIONS.get(name, name)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def render_report(
+    name: str,
+    runs: pd.DataFrame,
+    summaries: dict[str, pd.DataFrame],
+    figure_paths: dict[str, Path],
+    out_dir: Path,
+    experiment_dir: Path,
+    command: str | None,
+    environment: dict[str, str],
+) -> str:
+    """Return REPORT.md as a string."""
+    median5, final = summaries["median5_error"], summaries["final_error"]
+    parts = [f"# {name}", ""]
+    parts += [f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
+              f"`{experiment_dir.as_posix()}` ({len(runs)} runs).", ""]
+    parts += ["## How the runs were made", ""]
+    if command:
+        parts += ["```bash", command, "```"]
+    else:
+        parts += [f"Command unknown: no `{COMMAND_FILE}` in the experiment folder."]
+    parts += ["", f"Regenerate this report: `python scripts/report.py {experiment_dir.as_posix()} "
+                  f"--out {out_dir.as_posix()}`", ""]
+    parts += settings_lines(runs) + [""]
+
+    parts += ["## Results", "",
+              "Top-1 test error (%), median of the last 5 epochs (the paper's metric): mean ± std "
+              "over completed seeds (sample std), n = completed seeds. Seeds that diverged, failed "
+              "or have not finished are counted beside the numbers and left out of them.", ""]
+    parts += [results_tables(median5), ""]
+    parts += ["Last epoch's test error (%):", "", results_tables(final), ""]
+
+    if compares_with_paper(runs):
+        parts += ["## Ours beside the paper", "", f"Paper: {PAPER_SOURCE}; top-1 val error (%).",
+                  "", comparison_table(median5, PAPER_RESNET50_IMAGENET, "paper"), ""]
+    groups = groups_comparison_table(median5)
+    if groups:
+        parts += ["## GN groups ablation beside the paper", "",
+                  f"Paper: {PAPER_SOURCE}, Table 3, 32 images per GPU; top-1 val error (%). "
+                  "G=1 is LN, 1 channel per group is IN.", "", groups, ""]
+    if is_cifar10(runs):
+        parts += ["## Reference: Keras ResNet-32 on CIFAR-10", "",
+                  f"Reference: {KERAS_SOURCE}; mean test error (%). Its model and schedule differ "
+                  "from ours: compare the shape across batches, not the level.", "",
+                  comparison_table(median5, KERAS_RESNET32_CIFAR10, "Keras ResNet-32"), ""]
+
+    if figure_paths:
+        parts += ["## Figures", ""]
+        for figure_name, png in figure_paths.items():
+            relative = png.relative_to(out_dir).as_posix()
+            parts += [f"![{figure_name}]({relative})", "",
+                      f"{_caption(figure_name)} ([SVG]({relative.removesuffix('.png')}.svg))", ""]
+
+    parts += ["## Runs", "", status_table(runs), ""]
+    problems = problem_runs_table(runs, experiment_dir)
+    if problems:
+        parts += ["Runs that did not complete:", "", problems, ""]
+    parts += ["Per-run numbers: [runs.csv](runs.csv); per-cell statistics: [summary.csv](summary.csv).",
+              ""]
+
+    parts += ["## Environment", "", f"Runs trained on: {trained_on(runs)}.", "",
+              "Machine and software that generated this report (the run records name only the "
+              "torch device they trained on):", ""]
+    parts += [markdown_table(["item", "value"], [[key, value] for key, value in environment.items()]), ""]
+    return "\n".join(parts)
+
+
+def log_report_to_wandb(name: str, out_dir: Path, figure_paths: dict[str, Path],
+                        summary: pd.DataFrame) -> None:
+    """Log the figures and the summary table as one W&B run (offline unless WANDB_MODE says)."""
+    import wandb  # only needed here; keeps `import normbench.report` light
+
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "normbench"),
+        name=f"report-{name}",
+        job_type="report",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        dir=str(out_dir),
+        config={"experiment": name},
+    )
+    images = {f"figures/{stem}": wandb.Image(str(path)) for stem, path in figure_paths.items()}
+    run.log({**images, "summary": wandb.Table(dataframe=summary)})
+    run.finish()
+
+
+def write_report(
+    experiment_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    command: str | None = None,
+    log_to_wandb: bool = False,
+) -> Path:
+    """Write REPORT.md, runs.csv, summary.csv and figures/ for an experiment; return REPORT.md.
+
+    command: the command that produced the runs; by default the experiment folder's command.txt.
+    log_to_wandb: also log figures and the summary to one W&B run in out_dir/wandb.
+    """
+    experiment_dir, out_dir = Path(experiment_dir), Path(out_dir)
+    log.info("loading runs from %s", experiment_dir)
+    runs = load_runs(experiment_dir)
+    name = experiment_name(runs, experiment_dir)
+    core = [c for c in CORE_KEYS if c in runs.columns]
+    by = [*core, *extra_factors(runs, core)]
+    summaries = {metric: summarize(runs, metric=metric, by=by)
+                 for metric in ("median5_error", "final_error")}
+    log.info("%d runs, summarized by %s", len(runs), ", ".join(by))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out_dir / "runs.csv", index=False)
+    summary = pd.concat(summaries.values(), ignore_index=True)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    figure_paths = save_figures(make_figures(runs, summaries["median5_error"], by), out_dir / "figures")
+    for path in figure_paths.values():
+        log.info("wrote %s (and .svg)", path)
+
+    report_path = out_dir / "REPORT.md"
+    report_path.write_text(render_report(
+        name, runs, summaries, figure_paths, out_dir, experiment_dir,
+        runs_command(experiment_dir, command), environment_info(),
+    ))
+    log.info("wrote %s", report_path)
+    if log_to_wandb:
+        log_report_to_wandb(name, out_dir, figure_paths, summary)
+        log.info("logged figures and summary to W&B (mode %s)", os.environ.get("WANDB_MODE", "offline"))
+    return report_path

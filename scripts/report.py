@@ -1,0 +1,43 @@
+"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv and figures.
+
+    python scripts/report.py runs/<experiment> [--out results/<experiment>] [--wandb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from normbench.report import write_report  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment_dir", type=Path, help="folder holding the experiment's run folders")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: results/<experiment folder name>)")
+    parser.add_argument("--command", default=None,
+                        help="the command that produced the runs (default: <experiment_dir>/command.txt)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log figures and summary to W&B (WANDB_MODE, default offline)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out_dir = args.out or Path("results") / args.experiment_dir.resolve().name
+    report = write_report(args.experiment_dir, out_dir, command=args.command, log_to_wandb=args.wandb)
+    print(f"report: {report}")
+    print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}")
+    print(f"figures: {out_dir / 'figures'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

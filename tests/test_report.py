@@ -1,0 +1,180 @@
+"""Tests for normbench.report and scripts/report.py: the files written and what REPORT.md says."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from normbench import report
+
+# The run-folder fabricator lives in test_results.py; make it importable in any pytest import mode.
+sys.path.insert(0, str(Path(__file__).parent))
+from test_results import COMMAND, make_experiment, make_groups_experiment  # noqa: E402
+
+from normbench import results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_quietly(experiment_dir: Path, out_dir: Path, **kwargs) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fabricated incomplete run has a truncated line
+        return report.write_report(experiment_dir, out_dir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cifar_report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    return write_quietly(make_experiment(root / "runs"), root / "results" / "toy")
+
+
+@pytest.fixture(scope="module")
+def paper_report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("paper")
+    experiment_dir = make_experiment(root / "runs", experiment="gn_paper", dataset="imagenet")
+    (experiment_dir / "command.txt").unlink()
+    return write_quietly(experiment_dir, root / "results" / "gn_paper")
+
+
+def test_report_writes_tables_and_figures(cifar_report):
+    out_dir = cifar_report.parent
+    assert cifar_report.name == "REPORT.md"
+    runs = pd.read_csv(out_dir / "runs.csv")
+    assert len(runs) == 13
+    assert sorted(runs["status"].unique()) == ["completed", "diverged", "failed", "incomplete"]
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert set(summary["metric"]) == {"median5_error", "final_error"}
+    cell = summary[(summary["metric"] == "median5_error") & (summary["norm"] == "bn")
+                   & (summary["batch"] == 32)].iloc[0]
+    assert (cell["mean"], cell["count"]) == (pytest.approx(10.5), 2)
+    for stem in ("error_vs_batch", "training_curves_batch32", "training_curves_batch2",
+                 "bn_gap_vs_batch"):
+        for suffix in (".png", ".svg"):
+            path = out_dir / "figures" / f"{stem}{suffix}"
+            assert path.stat().st_size > 1000, path
+    # groups did not vary, so there is no groups figure
+    assert not (out_dir / "figures" / "groups_ablation.png").exists()
+
+
+def test_report_table_has_formatted_numbers_and_marks(cifar_report):
+    text = cifar_report.read_text()
+    assert text.startswith("# toy\n")
+    assert "| norm | batch 32 | batch 8 | batch 2 |" in text
+    assert ("| bn | 10.50 ± 0.71 (n=2) | 13.00 ± 1.41 (n=2, 1 incomplete) "
+            "| 30.00 (n=1, 1 diverged) |") in text
+    assert "| gn | 11.50 ± 0.71 (n=2) | 12.00 ± 0.71 (n=2) | 12.00 (n=1, 1 failed) |" in text
+    # the last-epoch table too: curve(e) ends at e - 0.5
+    assert "| bn | 10.00 ± 0.71 (n=2) |" in text
+
+
+def test_report_records_command_figures_statuses_and_environment(cifar_report):
+    text = cifar_report.read_text()
+    assert f"```bash\n{COMMAND}\n```" in text
+    assert "![error_vs_batch](figures/error_vs_batch.png)" in text
+    assert "(figures/error_vs_batch.svg)" in text
+    for status, count in (("completed", 10), ("diverged", 1), ("failed", 1), ("incomplete", 1)):
+        assert f"| {status} | {count} |" in text
+    assert "diverged at epoch 3, step 250" in text
+    assert "RuntimeError: out of memory" in text
+    assert "3 of 6 epochs done" in text
+    assert f"| pandas | {pd.__version__} |" in text
+    assert "| python |" in text and "| CPU cores |" in text and "| GPU |" in text
+    assert "swept `batch`: 2, 8, 32" in text
+    assert "Runs trained on: cuda (10 runs), not recorded (3 runs)." in text
+
+
+def test_cifar10_report_has_keras_reference_not_paper(cifar_report):
+    text = cifar_report.read_text()
+    assert "Keras ResNet-32 on CIFAR-10" in text
+    assert "| bn (Keras ResNet-32) | 13.60 | 13.60 | 13.86 | 15.23 | 19.70 |" in text
+    assert "| bn (ours) | 10.50 ± 0.71 (n=2) | – | 13.00 ± 1.41 (n=2, 1 incomplete) | – |" in text
+    assert "beside the paper" not in text
+
+
+def test_gn_paper_report_has_paper_numbers_beside_ours(paper_report):
+    text = paper_report.read_text()
+    assert text.startswith("# gn_paper\n")
+    assert "## Ours beside the paper" in text
+    assert "| norm | batch 32 | batch 16 | batch 8 | batch 4 | batch 2 |" in text
+    assert "| bn (paper) | 23.60 | 23.70 | 24.80 | 27.30 | 34.70 |" in text
+    assert "| gn (paper) | 24.10 | 24.20 | 24.00 | 24.20 | 24.10 |" in text
+    assert "| ln (paper) | 25.30 | – | – | – | – |" in text
+    assert "| brn (paper) | – | – | – | 26.30 | – |" in text
+    # our row sits right above the paper's
+    assert ("| gn (ours) | 11.50 ± 0.71 (n=2) | – | 12.00 ± 0.71 (n=2) | – | 12.00 (n=1, 1 failed) |\n"
+            "| gn (paper) |") in text
+    assert "Keras" not in text
+    assert "Command unknown: no `command.txt`" in text
+
+
+def test_runs_command_prefers_the_argument_then_command_txt(tmp_path):
+    (tmp_path / "command.txt").write_text("python run.py -m +experiment=x\n")
+    assert report.runs_command(tmp_path, "make x") == "make x"
+    assert report.runs_command(tmp_path, None) == "python run.py -m +experiment=x"
+    (tmp_path / "command.txt").unlink()
+    assert report.runs_command(tmp_path, None) is None
+
+
+def test_groups_table_puts_ours_beside_the_paper(tmp_path):
+    runs = results.load_runs(make_groups_experiment(tmp_path))
+    summary = results.summarize(runs, by=["norm", "placement", "batch", *results.extra_factors(runs)])
+    table = report.groups_comparison_table(summary)
+    assert ("| groups G | 64 | 32 | 16 | 8 | 4 | 2 | 1 |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            "| ours | – | 24.10 ± 0.14 (n=2) | 24.60 ± 0.14 (n=2) | – | – | – | 25.10 ± 0.14 (n=2) |\n"
+            "| paper | 24.60 | 24.10 | 24.60 | 24.40 | 24.60 | 24.70 | 25.30 |") in table
+    assert ("| ours | – | – | 24.30 ± 0.14 (n=2) | – | 24.90 ± 0.14 (n=2) | – | – |\n"
+            "| paper | 24.40 | 24.50 | 24.20 | 24.30 | 24.80 | 25.60 | 28.40 |") in table
+    # the main table names channels-per-group runs without their unused default groups=32
+    assert "| gn (group_channels=16) | 24.30 ± 0.14 (n=2) |" in report.results_tables(summary)
+
+
+def test_which_published_numbers_apply():
+    def runs(**columns):
+        return pd.DataFrame({key: [value, value] for key, value in columns.items()})
+
+    assert report.compares_with_paper(runs(experiment="gn_paper", dataset="cifar10", model="resnet50"))
+    assert report.compares_with_paper(runs(experiment="x", dataset="imagefolder", model="resnet50",
+                                           **{"dataset.preset": "imagenet"}))
+    assert not report.compares_with_paper(runs(experiment="x", dataset="imagefolder",
+                                               model="resnet50", **{"dataset.preset": "cifar"}))
+    assert not report.compares_with_paper(runs(experiment="placement", dataset="cifar10",
+                                               model="resnet50"))
+    assert report.is_cifar10(runs(dataset="cifar10"))
+    assert not report.is_cifar10(runs(dataset="cifar100"))
+
+
+def test_format_cell():
+    def cell(mean, std, count, diverged=0, failed=0, incomplete=0):
+        return pd.Series({"mean": mean, "std": std, "count": count, "diverged": diverged,
+                          "failed": failed, "incomplete": incomplete})
+
+    assert report.format_cell(cell(24.123, 0.456, 3)) == "24.12 ± 0.46 (n=3)"
+    assert report.format_cell(cell(24.1, float("nan"), 1, failed=1)) == "24.10 (n=1, 1 failed)"
+    assert report.format_cell(cell(float("nan"), float("nan"), 0, diverged=2)) == "**2 diverged**"
+    assert report.format_cell(None) == "–"
+
+
+def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = importlib.util.spec_from_file_location("report_cli", REPO / "scripts" / "report.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    experiment_dir = make_experiment(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main([str(experiment_dir), "--wandb", "--command", "make toy"]) == 0
+    # the default output folder is results/<experiment folder name>
+    out_dir = tmp_path / "results" / "toy"
+    assert "results/toy/REPORT.md" in capsys.readouterr().out
+    # the --command argument wins over the folder's command.txt
+    assert "```bash\nmake toy\n```" in (out_dir / "REPORT.md").read_text()
+    offline_runs = list((out_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb"))
