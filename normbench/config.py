@@ -17,6 +17,7 @@ import torch
 from .bn_eval import BN_EVAL_MODES
 from .models import (MODELS, PLACEMENTS, STEMS, build_model, check_norm_combination,
                      norm_input_shapes)
+from .fast_paths import CHANNELS_LAST_SETTINGS, COMPILE_MODES
 from .norms import ACTIVATIONS, NORMS, NormConfigError, norm_spec
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -24,9 +25,10 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 # Keys that do not change what a run computes: they are left out of the run folder's name and
 # of the comparison made when a run folder is reused, so that e.g. turning W&B on or moving the
-# data does not start the run again.
-NON_RUN_KEYS = ("experiment", "out_root", "wandb", "progress", "device", "num_workers",
-                "eval_batch")
+# data does not start the run again. The fast paths (channels_last, compile) are among them:
+# like the device they change floating-point rounding, not results (normbench/fast_paths.py).
+NON_RUN_KEYS = ("experiment_name", "out_root", "wandb", "progress", "device", "num_workers",
+                "eval_batch", "channels_last", "compile", "compile_mode")
 NON_RUN_DATASET_KEYS = ("root", "cache_dir", "download")
 
 
@@ -79,6 +81,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_choice(cfg, "placement", PLACEMENTS)
     _check_choice(cfg, "act", list(ACTIVATIONS))
     _check_choice(cfg, "precision", PRECISIONS)
+    _check_fast_paths(cfg)
     _check_choice(cfg, "wandb.mode", WANDB_MODES)
     from .data import DATASET_BUILDERS  # imported here: data pulls in torchvision
     _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
@@ -119,6 +122,18 @@ def _check_norm_combinations(cfg: Mapping[str, Any], batch: int) -> None:
         check_norm_combination(name, cfg["placement"], ws)
     except NormConfigError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_fast_paths(cfg: Mapping[str, Any]) -> None:
+    """``channels_last``, ``compile`` and ``compile_mode`` (see :mod:`normbench.fast_paths`)."""
+    value = _require(cfg, "channels_last")
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ConfigError(f"channels_last={value!r} is not allowed; choose one of: "
+                          f"{', '.join(str(v).lower() for v in CHANNELS_LAST_SETTINGS)}")
+    value = _require(cfg, "compile")
+    if not isinstance(value, bool):
+        raise ConfigError(f"compile={value!r} is not allowed; choose one of: true, false")
+    _check_choice(cfg, "compile_mode", COMPILE_MODES)
 
 
 def _check_device(cfg: Mapping[str, Any]) -> None:
@@ -207,7 +222,7 @@ def flat_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Flat keys for W&B and tables: ``norm``, ``batch``, ``workers``, ... plus dotted options."""
     flat = {"norm": cfg["norm"]["name"], "model": cfg["model"]["name"],
             "dataset": cfg["dataset"]["name"]}
-    for key in ("batch", "workers", "placement", "act", "epochs", "seed", "experiment"):
+    for key in ("batch", "workers", "placement", "act", "epochs", "seed", "experiment_name"):
         flat[key] = cfg.get(key)
     flat["global_batch"] = cfg["batch"] * cfg["workers"]
     for section in ("norm", "model", "optim"):

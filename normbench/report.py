@@ -52,8 +52,8 @@ MISSING = "–"
 
 def experiment_name(runs: pd.DataFrame, experiment_dir: Path) -> str:
     """Return the runs' `experiment` config value, or the folder name when they have none."""
-    if "experiment" in runs.columns and runs["experiment"].notna().any():
-        return ", ".join(sorted(str(v) for v in runs["experiment"].dropna().unique()))
+    if "experiment_name" in runs.columns and runs["experiment_name"].notna().any():
+        return ", ".join(sorted(str(v) for v in runs["experiment_name"].dropna().unique()))
     return experiment_dir.name
 
 
@@ -67,7 +67,7 @@ def _single_value(runs: pd.DataFrame, column: str) -> str | None:
 def compares_with_paper(runs: pd.DataFrame) -> bool:
     """True for the paper's setting: the gn_paper experiment, or ResNet-50 on ImageNet-style data
     (a dataset named imagenet, or an image folder with the imagenet preset)."""
-    if _single_value(runs, "experiment") == "gn_paper":
+    if _single_value(runs, "experiment_name") == "gn_paper":
         return True
     imagenet = ((_single_value(runs, "dataset") or "").lower().startswith("imagenet")
                 or _single_value(runs, "dataset.preset") == "imagenet")

@@ -7,6 +7,10 @@ One SGD step sees ``batch * workers`` images. Batch-dependent norms take statist
 ``batch`` images (virtual workers), the loss is the mean over all images (= the average of the
 workers' mean losses, as data-parallel training computes it), and the learning rate follows the
 linear scaling rule: ``lr = optim.lr_per_256 * batch * workers / 256``.
+
+With several processes (torchrun, SLURM; :mod:`normbench.distributed`) each process trains
+``workers / N`` of the virtual workers under DistributedDataParallel, and the step is the same;
+the first process keeps the records.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from torch import nn
 from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
                      run_name, validate_config)
 from .bn_eval import dedicated_epoch, statistics_batch
+from .distributed import (average_over_processes, average_running_statistics,
+                          check_process_count, data_parallel, first_process_decides,
+                          is_first_process, rank, sum_over_processes, world_size)
 from .evaluation import evaluate_epoch
-from .records import RecordsError, RunFolder
+from .records import OtherProcessRunFolder, RecordsError, RunFolder
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,10 @@ class Diverged(RuntimeError):
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world_size() > 1:
+        # each process of a launch has its own GPU, made current when it joined the group
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -106,14 +116,23 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg["precision"], self.device)
         set_determinism(cfg["seed"], cfg["deterministic"])
         self.global_batch = cfg["batch"] * cfg["workers"]
+        # With N processes each loads its 1/N of every step: workers / N virtual workers.
+        self.processes, self.rank = world_size(), rank()
         self.train_loader, self.test_loader, self.data_info = build_loaders(
             cfg["dataset"], global_batch=self.global_batch, eval_batch=cfg["eval_batch"],
-            seed=cfg["seed"], device=self.device, num_workers=cfg["num_workers"])
+            seed=cfg["seed"], device=self.device, rank=self.rank, world_size=self.processes,
+            num_workers=cfg["num_workers"])
         if len(self.train_loader) == 0:
             raise ValueError(f"dataset {cfg['dataset']['name']} has {self.data_info.num_train} "
                              f"training images, fewer than one step of batch x workers = "
                              f"{self.global_batch}")
         self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
+        from .fast_paths import apply_fast_paths  # channels_last and torch.compile, in place
+        apply_fast_paths(self.model, cfg, self.device)
+        # What a training step calls: DDP around the model with several processes. The plain
+        # model is evaluated and checkpointed (no "module." prefix: checkpoints do not depend
+        # on the number of processes).
+        self.training_model = data_parallel(self.model, self.device)
         optim = cfg["optim"]
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, optim["weight_decay"], optim["norm_weight_decay"]),
@@ -143,13 +162,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _progress(self, loader, desc: str) -> Iterator:
-        if not self.cfg["progress"]:
+        if not self.cfg["progress"] or self.rank != 0:  # one progress bar per launch
             return iter(loader)
         from tqdm import tqdm
         return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True))
 
     def train_epoch(self) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+        cfg, model = self.cfg, self.training_model
         model.train()
         self.train_loader.set_epoch(self.epoch)
         steps = len(self.train_loader)
@@ -168,12 +187,16 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise Diverged(self.epoch + 1, self.step, loss_value)
-            loss_sum += loss_value * labels.numel()
-            wrong += (logits.argmax(1) != labels).sum().item()
-            seen += labels.numel()
+            # Summed over all processes (a no-op with one): the step's metrics, and a NaN on
+            # any process stops every process at the same step.
+            step_loss, step_wrong, step_seen = sum_over_processes(
+                [loss.item() * labels.numel(), (logits.argmax(1) != labels).sum().item(),
+                 labels.numel()])
+            if not math.isfinite(step_loss):
+                raise Diverged(self.epoch + 1, self.step, step_loss / step_seen)
+            loss_sum += step_loss
+            wrong += int(step_wrong)
+            seen += int(step_seen)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -191,6 +214,18 @@ class Trainer:
             precise_batches=lambda: dedicated_epoch(self.train_loader, self.epoch),
             precise_samples=cfg["precise_bn_samples"], autocast=self._autocast)
 
+    def evaluate_all_processes(self) -> dict[str, float]:
+        """:meth:`evaluate` on every process's shard of the test set, averaged over the whole
+        test set; before it, the running statistics are made the same on every process (their
+        average, see :mod:`normbench.distributed`). With one process: :meth:`evaluate`.
+        Every value :meth:`evaluate` returns must be a per-image average over the test images
+        (or a difference of two): that is what makes the weighted average right."""
+        from .data import eval_shard
+
+        average_running_statistics(self.model)
+        shard = eval_shard(self.data_info.num_test, self.rank, self.processes)
+        return average_over_processes(self.evaluate(), images=len(shard))
+
     # -- the run -----------------------------------------------------------------------------
     def fit(self, tracker: Tracker) -> dict[str, Any]:
         cfg = self.cfg
@@ -198,7 +233,7 @@ class Trainer:
         while self.epoch < cfg["epochs"]:
             record = {"epoch": self.epoch + 1}
             record.update(self.train_epoch())
-            record.update(self.evaluate())
+            record.update(self.evaluate_all_processes())
             self.epoch += 1
             record["step"] = self.step
             record["wall_time"] = time.perf_counter() - wall_start
@@ -228,6 +263,8 @@ class Trainer:
             "wall_time": self.history[-1]["wall_time"] if self.history else 0.0,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device),
+            "processes": self.processes,
+            "skipped_files": self.data_info.skipped_files,  # unreadable images skipped
             **extra,
         }
 
@@ -237,14 +274,19 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
 
     A folder whose summary says completed or diverged is not trained again. A folder with a
     checkpoint resumes from it. A failure is recorded in ``summary.json`` and re-raised.
+
+    Several processes (torch.distributed started, see :mod:`normbench.distributed`) call this
+    together, with the same ``run_dir``: the first keeps the records and decides whether to
+    skip, resume or refuse; the others follow its decisions and write nothing.
     """
-    folder = RunFolder(run_dir)
-    folder.open()
+    folder = RunFolder(run_dir) if is_first_process() else OtherProcessRunFolder(run_dir)
+    first_process_decides(folder.open)
     started = time.time()
     outcome = "failed"
     try:
         try:
             validate_config(cfg)
+            check_process_count(cfg, world_size())
         except ConfigError as error:
             # Refused before any work; the folder says why, so a sweep's report shows the cell.
             if folder.read_config() is None:
@@ -265,19 +307,14 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
-    previous = folder.read_summary()
-    if previous and previous["status"] in ("completed", "diverged"):
+    previous = first_process_decides(lambda: _finished_run(cfg, folder))
+    if previous is not None:
         log.info("%s: already %s, nothing to do", folder.path, previous["status"])
         return {**previous, "outcome": "skipped"}
-    stored = folder.read_config()
-    if stored is not None and config_differences(stored, cfg):
-        raise RecordsError(f"run folder {folder.path} holds a run with a different config "
-                           f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
-                           f"another folder")
-    folder.write_config(cfg)
     try:
         trainer = Trainer(cfg, folder)
-        checkpoint = folder.load_checkpoint()
+        # read by the first process, sent to the others: every process resumes from it
+        checkpoint = first_process_decides(folder.load_checkpoint)
     except Exception as error:  # data or records unusable: say so in the folder, then raise
         folder.write_summary(failure_summary(error))
         raise
@@ -287,7 +324,8 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         folder.rewrite_metrics(trainer.history)
         outcome = "resumed"
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
-    tracker = Tracker(cfg["wandb"], folder.path, {**flat_config(cfg), "config": dict(cfg)},
+    wandb_settings = cfg["wandb"] if is_first_process() else {**cfg["wandb"], "mode": "disabled"}
+    tracker = Tracker(wandb_settings, folder.path, {**flat_config(cfg), "config": dict(cfg)},
                       run_id=trainer.wandb_id, name=run_name(cfg))
     trainer.wandb_id = tracker.run_id
     try:
@@ -311,6 +349,23 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
     tracker.summary(summary)
     tracker.finish(exit_code=0)
     return {**summary, "outcome": outcome}
+
+
+def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] | None:
+    """The summary of the run in ``folder`` if it already completed or diverged. Otherwise
+    None, once the folder is known to hold this config (or none) and has it written.
+    A folder holding another config is refused first, finished or not: its result is not
+    this config's."""
+    stored = folder.read_config()
+    if stored is not None and config_differences(stored, cfg):
+        raise RecordsError(f"run folder {folder.path} holds a run with a different config "
+                           f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
+                           f"another folder")
+    previous = folder.read_summary()
+    if previous and previous["status"] in ("completed", "diverged"):
+        return previous
+    folder.write_config(cfg)
+    return None
 
 
 def failure_summary(error: BaseException) -> dict[str, Any]:

@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # A run that takes seconds on a CPU: the smallest CIFAR ResNet on a small synthetic set.
-TINY = ["model=resnet8", "dataset=synthetic", "dataset.train_size=512", "dataset.test_size=256",
-        "dataset.image_size=16", "batch=8", "workers=4", "epochs=2", "wandb.mode=disabled",
-        "progress=false"]
+# TINY_RUN holds the settings that fit any data set; TINY adds the synthetic data's size.
+TINY_RUN = ["model=resnet8", "batch=8", "workers=4", "epochs=2", "wandb.mode=disabled",
+            "progress=false"]
+TINY = TINY_RUN + ["dataset=synthetic", "dataset.train_size=512", "dataset.test_size=256",
+                   "dataset.image_size=16"]
 
 
 def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:

@@ -137,12 +137,12 @@ def test_which_published_numbers_apply():
     def runs(**columns):
         return pd.DataFrame({key: [value, value] for key, value in columns.items()})
 
-    assert report.compares_with_paper(runs(experiment="gn_paper", dataset="cifar10", model="resnet50"))
-    assert report.compares_with_paper(runs(experiment="x", dataset="imagefolder", model="resnet50",
+    assert report.compares_with_paper(runs(experiment_name="gn_paper", dataset="cifar10", model="resnet50"))
+    assert report.compares_with_paper(runs(experiment_name="x", dataset="imagefolder", model="resnet50",
                                            **{"dataset.preset": "imagenet"}))
-    assert not report.compares_with_paper(runs(experiment="x", dataset="imagefolder",
+    assert not report.compares_with_paper(runs(experiment_name="x", dataset="imagefolder",
                                                model="resnet50", **{"dataset.preset": "cifar"}))
-    assert not report.compares_with_paper(runs(experiment="placement", dataset="cifar10",
+    assert not report.compares_with_paper(runs(experiment_name="placement", dataset="cifar10",
                                                model="resnet50"))
     assert report.is_cifar10(runs(dataset="cifar10"))
     assert not report.is_cifar10(runs(dataset="cifar100"))

@@ -45,7 +45,7 @@ def config_for(experiment: str, dataset: str, norm: str, batch: int, seed: int, 
     gn_defaults = {"groups": 32, "group_channels": None} if norm == "gn" else {}
     norm_config = {"name": norm, **gn_defaults, **norm_options}
     return {
-        "experiment": experiment,
+        "experiment_name": experiment,
         "norm": norm_config,
         "batch": batch,
         "workers": 8,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, compose_config, run_cli
+from conftest import ROOT, TINY, TINY_RUN, compose_config, run_cli
 from normbench.config import run_name
 
 GN4 = ["norm=gn", "norm.groups=4"]
@@ -132,7 +132,7 @@ def test_unknown_choice_lists_the_available_ones(tmp_path):
 
 def test_missing_dataset_path_names_it(tmp_path):
     missing = tmp_path / "no-such-folder"
-    result = run_cli(TINY + ["dataset=imagefolder", f"dataset.root={missing}",
+    result = run_cli(TINY_RUN + ["dataset=imagefolder", f"dataset.root={missing}",
                              f"out_root={tmp_path}"], cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
@@ -162,7 +162,7 @@ def test_imagefolder_run_on_a_slice_of_real_cifar10(tmp_path, shared_cifar):
 
     root = extract_image_folder(shared_cifar, tmp_path / "cifar10", max_per_class=20,
                                 max_test_per_class=10)
-    overrides = TINY + ["dataset=imagefolder", f"dataset.root={root}",
+    overrides = TINY_RUN + ["dataset=imagefolder", f"dataset.root={root}",
                         f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.image_size=32",
                         "epochs=1"]
     run_cli(overrides + [f"out_root={tmp_path}"], cwd=tmp_path)

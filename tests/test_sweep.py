@@ -17,7 +17,7 @@ def outcome_counts(output: str) -> dict[str, int]:
 
 def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     # bn at batch 1 is refused (BN needs 2 images per worker): that cell fails, the rest run.
-    sweep = ["-m", *TINY, "epochs=1", "experiment=sweeptest", "norm=bn,gn8", "batch=8,1",
+    sweep = ["-m", *TINY, "epochs=1", "experiment_name=sweeptest", "norm=bn,gn8", "batch=8,1",
              f"out_root={tmp_path / 'runs'}"]
     first = run_cli(sweep, cwd=tmp_path)
     output = first.stdout + first.stderr
@@ -29,7 +29,7 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     summaries = {p.parent.name: json.loads(p.read_text())
                  for p in experiment.glob("*/summary.json")}
     assert sorted(s["status"] for s in summaries.values()) == ["completed"] * 3 + ["failed"]
-    assert "experiment=sweeptest" in (experiment / "command.txt").read_text()
+    assert "experiment_name=sweeptest" in (experiment / "command.txt").read_text()
 
     second = run_cli(sweep, cwd=tmp_path)  # the same command again: nothing is trained
     assert outcome_counts(second.stdout + second.stderr)["trained"] == 0
@@ -41,6 +41,6 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     assert report.returncode == 0, report.stderr
     out = tmp_path / "report"
     assert (out / "REPORT.md").exists() and (out / "runs.csv").exists()
-    assert list(out.glob("*error_vs_batch*.png")) and list(out.glob("*error_vs_batch*.svg"))
+    assert list(out.rglob("*error_vs_batch*.png")) and list(out.rglob("*error_vs_batch*.svg"))
     text = (out / "REPORT.md").read_text()
     assert "failed" in text
