@@ -13,6 +13,16 @@ def test_default_config_composes_and_validates():
     assert cfg["model"]["stem"] == cfg["dataset"]["stem"]  # the stem follows the data set
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln", "in", "brn", "syncbn", "frn", "evonorm_b0",
+                                  "evonorm_s0", "none"])
+def test_every_norm_runs_with_the_default_model_at_batch_2(norm):
+    # `python run.py norm=gn batch=2` (the README's first example) must be a valid run for every
+    # norm with its paper defaults: the default model is wide enough for GN's 32 groups.
+    cfg = compose_config([f"norm={norm}", "batch=2"])
+    validate_config(cfg)
+    assert cfg["model"]["name"] == "resnet20" and cfg["model"]["width"] == 2.0
+
+
 def test_nested_overrides_reach_the_config():
     cfg = compose_config(["norm=gn", "norm.groups=16", "model=resnet50",
                           "optim.lr_per_256=0.2"])
@@ -23,7 +33,7 @@ def test_nested_overrides_reach_the_config():
 @pytest.mark.parametrize("overrides,message", [
     (["norm=gn", "model=resnet20"],
      r"norm=gn with model=resnet20: at layer stem: gn: groups=32 does not divide 16 channels"),
-    (["norm=gn", "norm.groups=8", "norm.group_channels=3"],
+    (["norm=gn", "model=resnet20", "norm.groups=8", "norm.group_channels=3"],
      r"at layer stem: gn: group_channels=3 does not divide 16 channels"),
     (["norm=bn", "batch=1"],
      r"batch=1 is not allowed with norm=bn: its statistics need at least 2 images per worker"),
