@@ -28,7 +28,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 # data does not start the run again. The fast paths (channels_last, compile) are among them:
 # like the device they change floating-point rounding, not results (normbench/fast_paths.py).
 NON_RUN_KEYS = ("experiment_name", "out_root", "wandb", "progress", "device", "num_workers",
-                "eval_batch", "channels_last", "compile", "compile_mode")
+                "threads", "eval_batch", "channels_last", "compile", "compile_mode")
 NON_RUN_DATASET_KEYS = ("root", "cache_dir", "download")
 
 
@@ -90,6 +90,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "seed", 0)
     _check_int(cfg, "eval_batch", 1)
+    if _require(cfg, "threads") is not None:
+        _check_int(cfg, "threads", 1)
     _check_choice(cfg, "bn_eval", BN_EVAL_MODES)
     _check_int(cfg, "precise_bn_samples", 1)
     _check_device(cfg)

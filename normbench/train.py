@@ -114,6 +114,10 @@ class Trainer:
         self.folder = folder
         self.device = select_device(cfg["device"])
         self.amp_dtype = autocast_dtype(cfg["precision"], self.device)
+        if cfg["threads"] is not None:
+            # Several runs sharing a CPU (a parallel local sweep) must split its cores: torch's
+            # threads spin while waiting, and oversubscribed they run many times slower.
+            torch.set_num_threads(cfg["threads"])
         set_determinism(cfg["seed"], cfg["deterministic"])
         self.global_batch = cfg["batch"] * cfg["workers"]
         # With N processes each loads its 1/N of every step: workers / N virtual workers.

@@ -49,6 +49,7 @@ def test_nested_overrides_reach_the_config():
     (["device=tpu"], r"device='tpu' is not allowed; choose auto, cpu, cuda or cuda:N"),
     (["precision=fp8"], r"precision='fp8' is not allowed; choose one of: auto, fp32, bf16"),
     (["optim.milestones=[30,60]"], r"optim.milestones=\[30, 60\] is not allowed"),
+    (["threads=0"], r"threads=0 is not allowed; it must be an integer >= 1"),
     (["wandb.mode=cloud"], r"wandb.mode='cloud' is not allowed; choose one of: online, offline"),
 ])
 def test_invalid_configs_are_refused_naming_key_value_and_allowed(overrides, message):
@@ -77,7 +78,8 @@ def test_run_name_is_stable_readable_and_keyed_by_what_changes_results():
         TINY + ["norm=gn", "norm.groups=4", "batch=2"]))
     # things that do not change results keep the name ...
     same = compose_config(TINY + ["norm=gn", "norm.groups=4", "batch=2", "wandb.mode=offline",
-                                  "progress=true", "eval_batch=100", "device=cpu"])
+                                  "progress=true", "eval_batch=100", "device=cpu",
+                                  "threads=1"])
     assert run_name(same) == name
     # ... anything else changes it
     for override in ("seed=1", "norm.groups=2", "optim.lr_per_256=0.2", "epochs=3"):

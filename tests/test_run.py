@@ -170,3 +170,16 @@ def test_imagefolder_run_on_a_slice_of_real_cifar10(tmp_path, shared_cifar):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert read_metrics(folder)[0]["step"] == 200 // (8 * 4)
+
+
+def test_threads_setting_limits_torchs_cpu_threads(tmp_path):
+    import torch
+
+    from normbench.train import run
+
+    before = torch.get_num_threads()
+    try:
+        run(compose_config(TINY + ["epochs=1", "threads=1"]), tmp_path / "run")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
