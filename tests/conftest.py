@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,20 @@ def run_cli(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 
         raise AssertionError(f"run.py {' '.join(args)} exited {result.returncode}\n"
                              f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
     return result
+
+
+def run_two_processes(fn, *args, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, 2, *args)`` in two spawned processes (e.g. a gloo process group) and fail
+    the test, killing both, if they do not finish within ``timeout`` seconds."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two-process run did not finish in {timeout} s")
 
 
 @pytest.fixture

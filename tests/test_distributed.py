@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import ROOT, compose_config, run_cli
+from conftest import ROOT, compose_config, run_cli, run_two_processes
 from normbench import distributed
 from normbench.config import ConfigError, run_name
 from normbench.train import Trainer
@@ -63,14 +62,6 @@ def _two_process_worker(rank: int, world: int, init_file: str, out_dir: str,
         dist.destroy_process_group()
 
 
-def run_two_processes(fn, *args, timeout: float = 120.0) -> None:
-    context = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"two-process run did not finish in {timeout} s")
 
 
 @pytest.fixture

@@ -12,17 +12,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import compose_config
+from conftest import compose_config, run_two_processes
 from normbench.bn_eval import (PRECISE_BN_EPOCH_OFFSET, batch_statistics, dedicated_epoch,
                                precise_statistics, recompute_population_statistics,
                                statistics_batch)
@@ -290,14 +288,6 @@ def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_two_processes(fn, *args, timeout: float = 60.0) -> None:
-    context = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"two-process test did not finish in {timeout} s")
 
 
 def test_syncbn_across_two_gloo_processes_equals_bn_over_the_concatenated_batch():
