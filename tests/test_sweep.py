@@ -44,3 +44,16 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     assert list(out.rglob("*error_vs_batch*.png")) and list(out.rglob("*error_vs_batch*.svg"))
     text = (out / "REPORT.md").read_text()
     assert "failed" in text
+
+
+def test_parallel_local_sweep_through_joblib(tmp_path):
+    # Jobs run in joblib's worker processes: run-folder naming (a custom resolver) and the
+    # status summary (read from the run folders) must work there too.
+    result = run_cli(["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "threads=1",
+                      *TINY, "epochs=1", "experiment_name=parallel", "norm=bn,gn8",
+                      f"out_root={tmp_path}"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "Joblib.Parallel(n_jobs=2" in output
+    assert outcome_counts(output)["trained"] == 2
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "parallel").glob("*/summary.json")]
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
