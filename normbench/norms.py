@@ -56,11 +56,24 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def moments(x: torch.Tensor, dim: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` over ``dim`` (kept as size-1 dims), differentiable.
+
+    On CUDA ``torch.var_mean`` (one fused kernel). Elsewhere the two-pass formula
+    ``mean((x - mean)^2)``, as exact: on the CPU ``var_mean`` is a Welford loop many times
+    slower than a sum (a third of a BRN training step went to it on ResNet-20)."""
+    if x.device.type == "cuda":
+        var, mean = torch.var_mean(x, dim=dim, correction=0, keepdim=True)
+        return mean, var
+    mean = x.mean(dim=dim, keepdim=True)
+    centered = x - mean
+    return mean, (centered * centered).mean(dim=dim, keepdim=True)
+
+
 def chunk_moments(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of each channel of each chunk, over (B, H, W): shape
     (W, 1, C, 1, 1) each, ready to broadcast against ``chunks``."""
-    var, mean = torch.var_mean(full_precision(chunks), dim=(1, 3, 4), correction=0, keepdim=True)
-    return mean, var
+    return moments(full_precision(chunks), (1, 3, 4))
 
 
 def per_chunk(statistic: torch.Tensor) -> torch.Tensor:
@@ -136,18 +149,22 @@ class BatchStatistics:
         """Advance the layer's step counter, if it has one."""
 
 
-class ChunkBatchNorm(torch.autograd.Function):
-    """Training-mode BN of every chunk in one pass, with a hand-written backward.
+def _as_chunks(t: torch.Tensor, workers: int) -> torch.Tensor:
+    """(N, C, H, W) as (W, N / W, C, H * W): a view for NCHW and channels_last tensors."""
+    return t.unflatten(0, (workers, -1)).flatten(3)
 
-    ``chunks`` is (W, B, C, L): W chunks (workers) of B images, C channels, L = H * W positions,
-    with any strides (views of NCHW or channels_last batches). Per chunk w and channel c, over
-    its n = B * L values::
+
+class ChunkBatchNorm(torch.autograd.Function):
+    """Training-mode BN of every chunk of ``chunk`` images in one pass, hand-written backward.
+
+    ``x`` is (N, C, H, W) in any memory format; its W = N / chunk chunks (workers) are viewed as
+    (W, B, C, L), L = H * W. Per chunk w and channel c, over its n = B * L values::
 
         mean = sum(x) / n     d = x - mean     var = sum(d * d) / n     (biased, two-pass)
         y = d * (weight / sqrt(var + eps)) + bias
 
-    Returns ``y`` (dtype of ``chunks``) and (W, C) tables of the means and biased variances,
-    which carry no gradient (they feed the running statistics).
+    Returns ``y`` (N, C, H, W, dtype and memory format of ``x``) and (W, C) tables of the means
+    and biased variances, which carry no gradient (they feed the running statistics).
 
     The backward is the classic BN gradient with x_hat = d / sqrt(var + eps)::
 
@@ -157,38 +174,43 @@ class ChunkBatchNorm(torch.autograd.Function):
     Why by hand: autograd through ``var_mean`` and ``chunks * scale + shift`` costs several
     extra passes and fresh full-size buffers per layer, and ``torch.var_mean`` alone is many
     times slower than a sum on the CPU. Here the forward is two reductions and three
-    elementwise passes writing one buffer (the output); the backward recomputes d into the
+    elementwise passes writing one buffer, the output; the backward recomputes d into the
     buffer that becomes dx. Like torch's BN, only the input (plus per-channel vectors) is kept
-    for the backward. Statistics are float32 when the input is 16-bit (autocast). Not twice
-    differentiable.
+    for the backward. ``y`` is a tensor of its own, not a view: an in-place activation after
+    the norm (ReLU(inplace=True)) then costs nothing, where on a view autograd would copy.
+    Statistics are float32 when the input is 16-bit (autocast). Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, chunks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = full_precision(chunks)
-        inv_n = 1.0 / (x.shape[1] * x.shape[3])
-        mean = x.sum(dim=(1, 3), keepdim=True).mul_(inv_n)  # (W, 1, C, 1)
-        y = x - mean
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        workers = x.shape[0] // chunk
+        chunks = full_precision(_as_chunks(x, workers))
+        inv_n = 1.0 / (chunks.shape[1] * chunks.shape[3])
+        mean = chunks.sum(dim=(1, 3), keepdim=True).mul_(inv_n)  # (W, 1, C, 1)
+        out = torch.empty_like(x, dtype=chunks.dtype)
+        y = _as_chunks(out, workers)
+        torch.sub(chunks, mean, out=y)
         var = torch.linalg.vecdot(y, y, dim=3).sum(1, keepdim=True).mul_(inv_n)  # (W, 1, C)
         invstd = (var + eps).rsqrt_().unsqueeze(3)
         y.mul_(invstd * weight.view(1, 1, -1, 1)).add_(bias.view(1, 1, -1, 1))
-        ctx.save_for_backward(chunks, mean, invstd, weight)
+        ctx.save_for_backward(x, mean, invstd, weight)
         ctx.inv_n = inv_n
-        mean, var = mean.view(mean.shape[0], -1), var.view(var.shape[0], -1)
+        mean, var = mean.view(workers, -1), var.view(workers, -1)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero gradients made for mean and var
-        return y.to(chunks.dtype), mean, var
+        return out.to(x.dtype), mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor, _grad_mean: Any, _grad_var: Any
                  ) -> tuple[torch.Tensor | None, ...]:
         if grad_y is None:  # the output was not used
-            return None, None, None, None
-        chunks, mean, invstd, weight = ctx.saved_tensors
-        g = full_precision(grad_y)
-        d = full_precision(chunks) - mean  # becomes dx in place
+            return None, None, None, None, None
+        x, mean, invstd, weight = ctx.saved_tensors
+        workers = mean.shape[0]
+        g = full_precision(_as_chunks(grad_y, workers))
+        d = full_precision(_as_chunks(x, workers)) - mean  # becomes dx in place
         sum_g = g.sum(dim=(1, 3), keepdim=True)  # (W, 1, C, 1)
         sum_g_xhat = torch.linalg.vecdot(g, d, dim=3).sum(1, keepdim=True).unsqueeze(3)
         sum_g_xhat.mul_(invstd)
@@ -198,10 +220,10 @@ class ChunkBatchNorm(torch.autograd.Function):
             # dx = d * k + shift + g * scale, with k and shift per chunk and channel
             k = (scale * invstd).mul_(sum_g_xhat).mul_(-ctx.inv_n)
             shift = (scale * sum_g).mul_(-ctx.inv_n)
-            grad_x = d.mul_(k).add_(shift).addcmul_(g, scale).to(chunks.dtype)
+            grad_x = d.mul_(k).add_(shift).addcmul_(g, scale).reshape(x.shape).to(x.dtype)
         grad_weight = sum_g_xhat.sum(dim=(0, 1, 3)) if ctx.needs_input_grad[1] else None
         grad_bias = sum_g.sum(dim=(0, 1, 3)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
@@ -235,11 +257,11 @@ class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
         return self._chunked_forward(x)
 
     def _chunked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = worker_chunks(x, self.virtual_batch, type(self).__name__).flatten(3)
-        y, mean, var = ChunkBatchNorm.apply(chunks, self.weight, self.bias, self.eps)
-        values = chunks.shape[1] * chunks.shape[3]
+        chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)  # checks the shape
+        y, mean, var = ChunkBatchNorm.apply(x, self.weight, self.bias, self.eps, chunks.shape[1])
+        values = chunks.shape[1] * chunks.shape[3] * chunks.shape[4]
         self._absorb({"running_mean": mean, "running_var": var * (values / (values - 1))})
-        return y.reshape(x.shape)
+        return y
 
     def _count_step(self) -> None:
         self.num_batches_tracked.add_(1)
@@ -492,7 +514,7 @@ class EvoNormS0(nn.Module):
         if not self.apply_act:
             return _affine(x, self.weight, self.bias)
         n, c = x.shape[:2]
-        var = full_precision(x).reshape(n, self.groups, -1).var(dim=2, correction=0)
+        var = moments(full_precision(x).reshape(n, self.groups, -1), (2,))[1].squeeze(2)
         std = torch.sqrt(var + self.eps).repeat_interleave(c // self.groups, dim=1)
         y = x * torch.sigmoid(self.v.view(1, -1, 1, 1) * x) / std.view(n, c, 1, 1)
         return _affine(y, self.weight, self.bias)
@@ -540,7 +562,7 @@ class EvoNormB0(BatchStatistics, nn.Module):
             self._absorb({"running_var": per_chunk(batch_var)})
         else:
             chunks, batch_var = x.unsqueeze(0), channel_view(self.running_var)
-        instance_var = full_precision(chunks).var(dim=(3, 4), correction=0, keepdim=True)
+        instance_var = moments(full_precision(chunks), (3, 4))[1]
         left = torch.sqrt(batch_var + self.eps)
         right = channel_view(self.v) * chunks + torch.sqrt(instance_var + self.eps)
         y = (chunks / torch.maximum(left, right)).flatten(0, 1)
@@ -768,7 +790,7 @@ def build_activation(name: str) -> nn.Module:
 
 __all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "NORMS", "STATS_MODES", "WS_EPS", "AllReduceSum",
            "BatchRenorm2d", "BatchStatistics", "ChunkBatchNorm", "EvoNormB0", "EvoNormS0",
-           "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum", "SyncBatchNorm2d",
-           "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm", "chunk_moments",
-           "distributed_world", "groups_for", "norm_layers", "norm_options", "norm_spec",
-           "worker_chunks"]
+           "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum",
+           "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm",
+           "chunk_moments", "distributed_world", "groups_for", "moments", "norm_layers",
+           "norm_options", "norm_spec", "worker_chunks"]

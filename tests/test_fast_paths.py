@@ -1,0 +1,227 @@
+"""The fast paths (normbench/fast_paths.py) change how the model runs, not what it computes:
+training steps with channels_last or torch.compile on give the losses and parameters they give
+off, up to floating-point rounding. Also the single-pass virtual-worker BN
+(normbench.norms.ChunkBatchNorm) on the inputs the fast paths feed it: NHWC and 16-bit.
+The benchmark itself (scripts/bench.py) is run in its --quick mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, compose_config
+from normbench.config import ConfigError, run_name, validate_config
+from normbench.fast_paths import use_channels_last
+from normbench.norms import NORMS, build_norm
+from normbench.train import Trainer
+
+# 4 steps of 8 images (2 virtual workers of 4) on resnet8; a large learning rate so that the
+# parameters move far from their start and a wrong fast path cannot hide.
+STEPS = ["model=resnet8", "dataset=synthetic", "dataset.train_size=32", "dataset.test_size=40",
+         "dataset.image_size=16", "batch=4", "workers=2", "epochs=1", "optim.lr_per_256=1.6",
+         "optim.milestones=[0.9]", "wandb.mode=disabled", "progress=false", "device=cpu"]
+
+
+def trained(overrides: list[str]) -> tuple[Trainer, dict[str, float], dict[str, torch.Tensor]]:
+    """A trainer after one epoch (4 steps), its metrics and a copy of its state dict."""
+    torch.manual_seed(0)
+    trainer = Trainer(compose_config(STEPS + overrides), folder=None)
+    metrics = trainer.train_epoch()
+    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return trainer, metrics, state
+
+
+def assert_same_training(a: tuple, b: tuple, *, rtol: float = 1e-4, atol: float = 1e-4) -> None:
+    (_, metrics_a, state_a), (_, metrics_b, state_b) = a, b
+    assert metrics_a["train_loss"] == pytest.approx(metrics_b["train_loss"], rel=rtol)
+    assert state_a.keys() == state_b.keys()  # checkpoints keep their keys
+    for key in state_a:
+        torch.testing.assert_close(state_b[key].contiguous(), state_a[key].contiguous(),
+                                   rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ---- the settings --------------------------------------------------------------------------
+def test_channels_last_auto_is_per_norm_and_only_on_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_channels_last("auto", "bn", cpu)  # not measured to pay on the CPU
+    assert use_channels_last("auto", "bn", cuda) and use_channels_last("auto", "frn", cuda)
+    for norm in ("gn", "ln", "in", "evonorm_s0"):  # torch's GroupNorm kernel / copying reshape
+        assert not NORMS[norm].channels_last and not use_channels_last("auto", norm, cuda)
+    assert use_channels_last(True, "gn", cpu) and not use_channels_last(False, "bn", cuda)
+
+
+def test_fast_path_keys_are_checked_and_do_not_rename_the_run():
+    base = compose_config(STEPS)
+    assert (base["channels_last"], base["compile"], base["compile_mode"]) == ("auto", False,
+                                                                              "default")
+    fast = compose_config(STEPS + ["channels_last=true", "compile=true",
+                                   "compile_mode=reduce-overhead"])
+    validate_config(fast)
+    assert run_name(fast) == run_name(base)  # rounding only: the same run folder
+    for override, message in (("channels_last=nhwc", r"channels_last='nhwc' is not allowed; "
+                                                     r"choose one of: auto, true, false"),
+                              ("compile=maybe", r"compile='maybe' is not allowed"),
+                              ("compile_mode=fast", r"compile_mode='fast' is not allowed; choose "
+                                                    r"one of: default, reduce-overhead")):
+        with pytest.raises(ConfigError, match=message):
+            validate_config(compose_config(STEPS + [override]))
+
+
+# ---- the single-pass virtual-worker BN on the fast paths' inputs ----------------------------
+def _bn_outputs(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, ...]:
+    x = x.detach().requires_grad_(True)
+    y = bn(x)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+    (y * weights).sum().backward()
+    return y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+
+
+@pytest.mark.parametrize("workers,batch", [(8, 2), (3, 4)])
+def test_virtual_bn_gives_the_same_step_on_a_channels_last_input(workers, batch):
+    torch.manual_seed(0)
+    x = torch.randn(workers * batch, 6, 5, 7, dtype=torch.float64) * 3 + 2
+    bns = [build_norm("bn", 6, virtual_batch=batch).double() for _ in range(2)]
+    for bn in bns:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -1, 1)
+        bn.load_state_dict(bns[0].state_dict())
+    nchw = _bn_outputs(x, bns[0])
+    nhwc = _bn_outputs(x.to(memory_format=torch.channels_last), bns[1])
+    assert nhwc[0].is_contiguous(memory_format=torch.channels_last)  # no copy back to NCHW
+    for a, b in zip(nchw, nhwc):
+        torch.testing.assert_close(b, a)
+
+
+def test_virtual_bn_statistics_are_exact_far_from_zero():
+    # the two-pass variance: a mean of 1000 next to a spread of 1 loses nothing in float32
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 6, 6, dtype=torch.float64) + 1000
+    bn = build_norm("bn", 4, virtual_batch=2)
+    y = bn(x.float())
+    chunks = x.view(8, 2, 4, 36)
+    ref = (chunks - chunks.mean((1, 3), keepdim=True)) / torch.sqrt(
+        chunks.var((1, 3), correction=0, keepdim=True) + bn.eps)
+    torch.testing.assert_close(y.double(), ref.view_as(x), atol=2e-3, rtol=0)
+
+
+def test_virtual_bn_keeps_16_bit_inputs_16_bit_with_float32_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 6, 6) * 2 + 1
+    bn32, bn16 = build_norm("bn", 4, virtual_batch=2), build_norm("bn", 4, virtual_batch=2)
+    y32 = _bn_outputs(x, bn32)
+    y16 = _bn_outputs(x.bfloat16(), bn16)
+    assert y16[0].dtype == y16[1].dtype == torch.bfloat16
+    assert bn16.running_var.dtype == torch.float32
+    torch.testing.assert_close(y16[0].float(), y32[0], atol=0.05, rtol=0.02)
+    torch.testing.assert_close(y16[1].float(), y32[1], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(bn16.running_mean, bn32.running_mean, atol=0.01, rtol=0.01)
+
+
+# ---- training steps with each fast path on and off -------------------------------------------
+@pytest.mark.parametrize("norm", [["norm=bn"], ["norm=gn", "norm.groups=4"], ["norm=frn"]])
+def test_channels_last_trains_like_nchw(norm):
+    reference = trained(norm + ["channels_last=false"])
+    fast = trained(norm + ["channels_last=true"])
+    conv = fast[0].model.stem[0].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not reference[0].model.stem[0].conv.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert_same_training(reference, fast)
+
+
+def test_compile_true_compiles_the_model_in_place_and_trains_like_eager(monkeypatch):
+    # The code path with torch.compile's aot_eager backend: Dynamo traces the model (custom
+    # autograd function, running-statistics updates) and AOTAutograd builds forward and
+    # backward graphs, without the minute of C++ compilation; the real compiler is the slow
+    # test below.
+    calls = []
+    original = nn.Module.compile
+
+    def compile_with_aot_eager(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, backend="aot_eager")
+
+    monkeypatch.setattr(nn.Module, "compile", compile_with_aot_eager)
+    torch._dynamo.reset()
+    reference = trained(["norm=bn"])
+    fast = trained(["norm=bn", "compile=true", "compile_mode=reduce-overhead"])
+    assert calls == [{"mode": "reduce-overhead"}]
+    assert getattr(fast[0].model, "_compiled_call_impl", None) is not None
+    assert_same_training(reference, fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+@pytest.mark.parametrize("norm", [["norm=bn"], ["norm=gn", "norm.groups=4"]])
+def test_compile_with_inductor_trains_like_eager(norm):
+    # ~40 s per norm on 2 CPU cores (compilation), hence slow
+    torch._dynamo.reset()
+    reference = trained(norm)
+    fast = trained(norm + ["compile=true"])
+    assert_same_training(reference, fast)
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+def test_turns_rotate_and_ratios_are_taken_within_a_repetition():
+    from normbench.bench import Ratio, time_in_turns
+
+    order = []
+    times = time_in_turns({name: (lambda name=name: order.append(name)) for name in "abc"},
+                          repeats=3, device=torch.device("cpu"), warmup=0)
+    assert order == list("abcbcacab") and all(len(t) == 3 for t in times.values())
+    ratio = Ratio.of({"a": [2.0, 9.0, 3.0], "b": [1.0, 3.0, 1.0]}, "a", "b")
+    assert (ratio.median, ratio.low, ratio.high) == (3.0, 2.0, 3.0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a timing loop (seconds, not minutes, on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_item_runs_its_comparison_with_a_small_model_on_the_cpu(one_thread):
+    # item 6 is skipped without a GPU; its code path (bn against gn, images/s, targets) runs here
+    from normbench import bench
+
+    ctx = bench.Context(device=torch.device("cpu"),
+                        base_config=compose_config(["device=cpu", "model=resnet8"]),
+                        repeats=3, model="resnet8", image_size=16)
+    assert bench.gpu_resnet50(ctx).skipped.startswith("not measured: no GPU")
+    item = bench.gpu_resnet50(ctx, model="resnet8", settings=((2, 2),), sizes=(16,),
+                              modes=("eager",), min_images=8)
+    (row,) = item.rows
+    assert row.target == ">= 0.8" and row.passed in (True, False)
+    assert row.details["bn_images_per_s"] > 0 and row.details["gn_images_per_s"] > 0
+
+
+def test_bench_quick_mode_writes_its_report(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick",
+                             "--threads", "1", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["quick"] and report["device"] == "cpu"
+    assert report["hardware"]["torch_threads"] == 1 and report["versions"]["torch"]
+    assert list(report["items"]) == ["framework_overhead", "virtual_workers",
+                                     "virtual_workers_epoch", "norms", "data_loading",
+                                     "gpu_resnet50", "fast_paths"]
+    assert report["items"]["gpu_resnet50"]["skipped"]
+    norms = {row["what"].split(": ")[1] for row in report["items"]["norms"]["rows"]}
+    assert norms == {f"{name} / bn" for name in NORMS}
+    for item in report["items"].values():
+        for row in item["rows"]:
+            assert row["ratio"]["median"] > 0
+            assert row["passed"] is None if row["target"] is None else row["passed"] in (True,
+                                                                                        False)
+    assert "were not measured" in (tmp_path / "bench.md").read_text()
+    assert "were not measured" in result.stdout and "target <= 1.05" in result.stdout
