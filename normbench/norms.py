@@ -184,12 +184,14 @@ class ChunkBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()  # so that the chunks below are views, of `out` too
         workers = x.shape[0] // chunk
         chunks = full_precision(_as_chunks(x, workers))
         inv_n = 1.0 / (chunks.shape[1] * chunks.shape[3])
         mean = chunks.sum(dim=(1, 3), keepdim=True).mul_(inv_n)  # (W, 1, C, 1)
-        out = torch.empty_like(x, dtype=chunks.dtype)
-        y = _as_chunks(out, workers)
+        out = torch.empty_like(x, dtype=chunks.dtype)  # NCHW or channels_last, as x
+        y = _as_chunks(out, workers)  # a view: what is written to y lands in `out`
         torch.sub(chunks, mean, out=y)
         var = torch.linalg.vecdot(y, y, dim=3).sum(1, keepdim=True).mul_(inv_n)  # (W, 1, C)
         invstd = (var + eps).rsqrt_().unsqueeze(3)

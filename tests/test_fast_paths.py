@@ -83,10 +83,10 @@ def _bn_outputs(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("workers,batch", [(8, 2), (3, 4)])
-def test_virtual_bn_gives_the_same_step_on_a_channels_last_input(workers, batch):
+def test_virtual_bn_gives_the_same_step_on_channels_last_and_strided_inputs(workers, batch):
     torch.manual_seed(0)
     x = torch.randn(workers * batch, 6, 5, 7, dtype=torch.float64) * 3 + 2
-    bns = [build_norm("bn", 6, virtual_batch=batch).double() for _ in range(2)]
+    bns = [build_norm("bn", 6, virtual_batch=batch).double() for _ in range(3)]
     for bn in bns:
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.uniform_(bn.bias, -1, 1)
@@ -94,8 +94,24 @@ def test_virtual_bn_gives_the_same_step_on_a_channels_last_input(workers, batch)
     nchw = _bn_outputs(x, bns[0])
     nhwc = _bn_outputs(x.to(memory_format=torch.channels_last), bns[1])
     assert nhwc[0].is_contiguous(memory_format=torch.channels_last)  # no copy back to NCHW
-    for a, b in zip(nchw, nhwc):
+    odd = _bn_outputs(x.transpose(2, 3).contiguous().transpose(2, 3), bns[2])  # H, W swapped
+    for a, b, c in zip(nchw, nhwc, odd):
         torch.testing.assert_close(b, a)
+        torch.testing.assert_close(c, a)
+
+
+def test_virtual_bn_output_takes_an_in_place_activation():
+    # the output is a tensor of its own: ReLU(inplace=True) after it (every unit of the
+    # ResNets) must give the gradient of the out-of-place composition
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    bn = build_norm("bn", 3, virtual_batch=2).double()
+    grads = []
+    for inplace in (False, True):
+        xi = x.clone().requires_grad_(True)
+        nn.ReLU(inplace=inplace)(bn(xi)).pow(2).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_virtual_bn_statistics_are_exact_far_from_zero():
