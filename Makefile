@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 # that also runs on the CPU). Override on other machines, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo test test-slow test-all report bench clean
+.PHONY: help setup demo cifar10-cpu test test-slow test-all report bench clean
 
 help:
 	@echo "make demo       the demo sweep (synthetic data, CPU, < 10 min) and its report in results/demo"
+	@echo "make cifar10-cpu  the real-CIFAR-10 reproduction on 2 CPU cores (about 2 hours) -> results/cifar10_cpu"
 	@echo "make test       the test suite (about 10 minutes on 2 cores)"
 	@echo "make test-slow  the slow tests only; make test-all: everything"
 	@echo "make report EXP=<experiment>  report for runs/<experiment> into results/<experiment>"
@@ -27,6 +28,21 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) run.py -m experiment=demo
 	$(PY) scripts/report.py runs/demo --out results/demo
+
+# The paper's Figure 1 on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), sized for 2 CPU
+# cores: experiments/cifar10_cpu.yaml, 2 runs at a time with one torch thread each. One seed at a
+# time, so an interrupted session leaves whole seeds; relaunching skips what finished.
+SEEDS ?= 0 1
+CIFAR10_CPU_NOTES := results/cifar10_cpu/NOTES.md
+cifar10-cpu: setup
+	$(PY) scripts/prepare_data.py
+	for seed in $(SEEDS); do \
+	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed && \
+	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
+	    norm=bn,gn8 batch=32,2 placement=after || exit 1; \
+	done
+	$(PY) scripts/report.py runs/cifar10_cpu --out results/cifar10_cpu \
+	  $(if $(wildcard $(CIFAR10_CPU_NOTES)),--notes $(CIFAR10_CPU_NOTES))
 
 test: setup
 	$(PY) -m pytest -q

@@ -6,6 +6,7 @@ command, the machine and the software versions, so a file under results/ can be 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -41,8 +42,10 @@ CORE_KEYS = ("norm", "placement", "batch")
 STATUS_ORDER = ("completed", "diverged", "failed", "incomplete")
 # Settings worth stating in the report when every run shares them.
 KEY_SETTINGS = (
-    "model", "model.stem", "model.width", "dataset", "epochs", "workers", "batch", "placement",
-    "act", "optim.lr_per_256", "optim.momentum", "optim.weight_decay",
+    "model", "model.stem", "model.width", "dataset", "dataset.image_size", "dataset.max_per_class",
+    "dataset.max_test_per_class", "epochs", "workers", "batch", "placement", "act",
+    "optim.lr_per_256", "optim.warmup_epochs", "optim.milestones", "optim.momentum",
+    "optim.nesterov", "optim.weight_decay", "bn_eval",
 )
 MISSING = "–"
 
@@ -74,10 +77,23 @@ def compares_with_paper(runs: pd.DataFrame) -> bool:
     return imagenet and _single_value(runs, "model") == "resnet50"
 
 
+def _is_cifar10_name(name: str) -> bool:
+    """cifar10, CIFAR-10, cifar10-jpeg, ... but not cifar100."""
+    plain = "".join(ch for ch in name.lower() if ch.isalnum())
+    return plain.startswith("cifar10") and not plain.startswith("cifar100")
+
+
 def is_cifar10(runs: pd.DataFrame) -> bool:
-    """True when every run trained on CIFAR-10 (the Keras reference is CIFAR-10 only)."""
-    dataset = (_single_value(runs, "dataset") or "").lower().replace("-", "").replace("_", "")
-    return dataset == "cifar10"
+    """True when every run trained on CIFAR-10 (the Keras reference is CIFAR-10 only): the
+    torchvision data set, or an image folder of CIFAR-10 images at 32x32 (such as the JPEG copy
+    `scripts/prepare_data.py` unpacks into a folder named cifar10-jpeg) with all 10 classes."""
+    dataset = _single_value(runs, "dataset") or ""
+    if dataset != "imagefolder":
+        return dataset.lower().replace("-", "").replace("_", "") == "cifar10"
+    root = _single_value(runs, "dataset.root")
+    return (root is not None and _is_cifar10_name(Path(root).name)
+            and _single_value(runs, "dataset.image_size") in (None, "32")
+            and _single_value(runs, "dataset.class_list") in (None, "None", "nan"))
 
 
 def runs_command(experiment_dir: Path, command: str | None) -> str | None:
@@ -163,6 +179,43 @@ def comparison_table(summary: pd.DataFrame, reference: pd.DataFrame, reference_n
     return markdown_table(["norm", *[f"batch {b}" for b in batches]], rows)
 
 
+def _signed(value: float) -> str:
+    return MISSING if pd.isna(value) else f"{value:+.2f}"
+
+
+def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
+    """Return each norm's error at every batch minus its own error at the largest batch, ours
+    (mean over completed seeds) beside the references' (name, frame) with the same base batch.
+
+    The paper's claim is a shape (BN degrades as the batch shrinks, GN does not), and the shape
+    can be compared across models and data sets whose error levels differ. None with one batch.
+    """
+    batches = _batches_descending(summary)
+    if len(batches) < 2:
+        return None
+    base = batches[0]
+    placements = plots.ordered_placements(summary)
+    rows = []
+    for norm in sorted(set(summary["norm"])):
+        for placement in placements:
+            ours = summary[summary["norm"] == norm]
+            if placement is not None:
+                ours = ours[ours["placement"] == placement]
+            where = "ours" if len(placements) == 1 else f"ours, {placement}"
+            for label, series in _series(ours):
+                mean = {int(row["batch"]): row["mean"] for _, row in series.iterrows()}
+                base_mean = mean.get(base, float("nan"))
+                rows.append([f"{label} ({where})",
+                             *[_signed(mean.get(b, float("nan")) - base_mean) for b in batches]])
+        for reference_name, reference in references:
+            theirs = reference[reference["norm"] == norm].set_index("batch")["error"]
+            if base in theirs.index and len(theirs) > 1:
+                rows.append([f"{norm} ({reference_name})",
+                             *[_signed(theirs[b] - theirs[base]) if b in theirs.index else MISSING
+                               for b in batches]])
+    return markdown_table(["norm", *[f"batch {b}" for b in batches]], rows)
+
+
 def groups_comparison_table(summary: pd.DataFrame) -> str | None:
     """Return GN error by groups and by channels per group, ours beside the paper's Table 3."""
     sections = []
@@ -242,6 +295,54 @@ def _natural(text: str) -> tuple:
         return (0, float(text), "")
     except ValueError:
         return (1, 0.0, text)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
+
+
+def launch_span(run_dirs: Sequence[str]) -> tuple[float, float] | None:
+    """Return (first launch start, last record written) in seconds since the epoch over the run
+    folders, from launches.jsonl and the mtimes of metrics.jsonl and summary.json; None when the
+    folders hold no launch record."""
+    starts, ends = [], []
+    for run_dir in map(Path, run_dirs):
+        launches = run_dir / "launches.jsonl"
+        if launches.exists():
+            for line in launches.read_text().splitlines():
+                try:
+                    starts.append(float(json.loads(line)["started"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill: the others still say when it ran
+        ends += [(run_dir / f).stat().st_mtime for f in ("metrics.jsonl", "summary.json")
+                 if (run_dir / f).exists()]
+    if not starts or not ends:
+        return None
+    return min(starts), max(ends)
+
+
+def cost_lines(runs: pd.DataFrame) -> list[str]:
+    """Return markdown bullets with what the runs cost: summed and per-run training wall time,
+    the median training throughput, and the span from the first launch to the last record."""
+    if "wall_time" not in runs.columns or runs["wall_time"].dropna().empty:
+        return []
+    wall = runs["wall_time"].dropna().astype(float)
+    lines = [f"- training wall time (epochs and evaluation, per run's own clock): "
+             f"{_duration(wall.sum())} summed over {len(wall)} runs, median "
+             f"{_duration(wall.median())} per run"]
+    if "images_per_second" in runs.columns and runs["images_per_second"].notna().any():
+        lines.append(f"- median training throughput: "
+                     f"{runs['images_per_second'].dropna().median():.0f} images/s per run")
+    span = launch_span(runs["run_dir"]) if "run_dir" in runs.columns else None
+    if span is not None:
+        start, end = span
+        stamp = "%Y-%m-%d %H:%M UTC"
+        lines.append(f"- from the first launch to the last record: {_duration(end - start)} "
+                     f"({datetime.fromtimestamp(start, timezone.utc):{stamp}} to "
+                     f"{datetime.fromtimestamp(end, timezone.utc):{stamp}}; runs in parallel "
+                     f"overlap, relaunches add their gaps)")
+    return lines
 
 
 # --------------------------------------------------------------------------- environment
@@ -377,8 +478,9 @@ def render_report(
     experiment_dir: Path,
     command: str | None,
     environment: dict[str, str],
+    notes: str | None = None,
 ) -> str:
-    """Return REPORT.md as a string."""
+    """Return REPORT.md as a string; `notes` (markdown) becomes its Discussion section."""
     median5, final = summaries["median5_error"], summaries["final_error"]
     parts = [f"# {name}", ""]
     parts += [f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
@@ -413,6 +515,22 @@ def render_report(
                   "from ours: compare the shape across batches, not the level.", "",
                   comparison_table(median5, KERAS_RESNET32_CIFAR10, "Keras ResNet-32"), ""]
 
+    references = [("paper, ResNet-50 ImageNet", PAPER_RESNET50_IMAGENET)]
+    if is_cifar10(runs):
+        references.append(("Keras ResNet-32 CIFAR-10", KERAS_RESNET32_CIFAR10))
+    shape = shape_table(median5, references)
+    if shape:
+        base = _batches_descending(median5)[0]
+        parts += [f"## Shape: error relative to batch {base}", "",
+                  f"Each row is a norm's error at each batch minus its own error at batch {base} "
+                  "(median of the last 5 epochs, mean over completed seeds; the published rows "
+                  "likewise). The paper's claim is this shape, which can be compared where error "
+                  "levels differ: BN's error grows as the batch shrinks, GN's stays flat. Read "
+                  "each difference against the seeds' std in the tables above.", "", shape, ""]
+
+    if notes:
+        parts += ["## Discussion", "", notes.strip(), ""]
+
     if figure_paths:
         parts += ["## Figures", ""]
         for figure_name, png in figure_paths.items():
@@ -424,6 +542,7 @@ def render_report(
     problems = problem_runs_table(runs, experiment_dir)
     if problems:
         parts += ["Runs that did not complete:", "", problems, ""]
+    parts += cost_lines(runs) + [""]
     parts += ["Per-run numbers: [runs.csv](runs.csv); per-cell statistics: [summary.csv](summary.csv).",
               ""]
 
@@ -457,14 +576,22 @@ def write_report(
     out_dir: str | Path,
     *,
     command: str | None = None,
+    notes: str | Path | None = None,
     log_to_wandb: bool = False,
 ) -> Path:
     """Write REPORT.md, runs.csv, summary.csv and figures/ for an experiment; return REPORT.md.
 
     command: the command that produced the runs; by default the experiment folder's command.txt.
+    notes: a markdown file written by the experimenter (what the numbers mean), included as the
+        report's Discussion section, so regenerating the report keeps it.
     log_to_wandb: also log figures and the summary to one W&B run in out_dir/wandb.
     """
     experiment_dir, out_dir = Path(experiment_dir), Path(out_dir)
+    notes_text = None
+    if notes is not None:
+        if not Path(notes).is_file():
+            raise FileNotFoundError(f"notes file {str(notes)!r} does not exist")
+        notes_text = Path(notes).read_text()  # read first: out_dir may be where it lives
     log.info("loading runs from %s", experiment_dir)
     runs = load_runs(experiment_dir)
     name = experiment_name(runs, experiment_dir)
@@ -485,7 +612,7 @@ def write_report(
     report_path = out_dir / "REPORT.md"
     report_path.write_text(render_report(
         name, runs, summaries, figure_paths, out_dir, experiment_dir,
-        runs_command(experiment_dir, command), environment_info(),
+        runs_command(experiment_dir, command), environment_info(), notes_text,
     ))
     log.info("wrote %s", report_path)
     if log_to_wandb:

@@ -1,6 +1,6 @@
 """Write the report of an experiment: REPORT.md, runs.csv, summary.csv and figures.
 
-    python scripts/report.py runs/<experiment> [--out results/<experiment>] [--wandb]
+    python scripts/report.py runs/<experiment> [--out results/<experiment>] [--notes NOTES.md] [--wandb]
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output folder (default: results/<experiment folder name>)")
     parser.add_argument("--command", default=None,
                         help="the command that produced the runs (default: <experiment_dir>/command.txt)")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a markdown file of your own (what the numbers mean), included as the "
+                             "report's Discussion section")
     parser.add_argument("--wandb", action="store_true",
                         help="also log figures and summary to W&B (WANDB_MODE, default offline)")
     return parser.parse_args(argv)
@@ -30,9 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.notes is not None and not args.notes.is_file():
+        print(f"report: --notes {str(args.notes)!r} is not a file", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = args.out or Path("results") / args.experiment_dir.resolve().name
-    report = write_report(args.experiment_dir, out_dir, command=args.command, log_to_wandb=args.wandb)
+    report = write_report(args.experiment_dir, out_dir, command=args.command, notes=args.notes,
+                          log_to_wandb=args.wandb)
     print(f"report: {report}")
     print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}")
     print(f"figures: {out_dir / 'figures'}")

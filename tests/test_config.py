@@ -1,8 +1,11 @@
 """Configuration: composition, the checks made before any work, and run-folder naming."""
 
-import pytest
+import itertools
 
-from conftest import TINY, compose_config
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, compose_config
 from normbench.config import (ConfigError, config_differences, run_name, validate_config)
 
 
@@ -91,3 +94,39 @@ def test_config_differences_names_the_changed_keys():
     a = compose_config(TINY)
     b = compose_config(TINY + ["optim.momentum=0.5", "wandb.mode=offline"])
     assert config_differences(a, b) == ["optim.momentum"]
+
+
+def sweep_cells(experiment: str) -> list[list[str]]:
+    """The override lists of every run an experiment's sweep launches (its hydra.sweeper.params)."""
+    spec = yaml.safe_load((ROOT / "experiments" / f"{experiment}.yaml").read_text())
+    params = spec["hydra"]["sweeper"]["params"]
+    choices = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    return [[f"experiment={experiment}", *cell] for cell in itertools.product(*choices)]
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_run_of_every_experiment_is_valid(experiment):
+    # An experiment whose grid holds an impossible cell (GN's 32 groups on a 16-channel stage,
+    # say) would fail that run only, after hours of the others: check every cell up front.
+    cells = sweep_cells(experiment)
+    assert cells
+    for overrides in cells:
+        cfg = compose_config(overrides)
+        validate_config(cfg)
+        assert cfg["experiment_name"] != "default"  # its runs go to their own folder
+
+
+def test_cifar10_cpu_is_the_protocol_its_report_states():
+    # results/cifar10_cpu/REPORT.md states this protocol; the experiment file is its source.
+    cells = sweep_cells("cifar10_cpu")
+    assert len(cells) == 20  # bn, gn8, ln, in x 32, 16, 8, 4, 2
+    cfg = compose_config(["experiment=cifar10_cpu", "norm=gn8", "batch=2"])
+    assert cfg["model"]["name"] == "resnet8" and cfg["model"]["stem"] == "cifar"
+    assert cfg["dataset"]["name"] == "imagefolder" and cfg["dataset"]["preset"] == "cifar"
+    assert cfg["dataset"]["max_per_class"] == 1500 and cfg["dataset"]["max_test_per_class"] is None
+    assert (cfg["workers"], cfg["epochs"], cfg["placement"]) == (8, 10, "before")
+    assert cfg["norm"] == {"name": "gn", "groups": 8, "group_channels": None, "eps": 1e-5}
+    assert cfg["optim"]["lr_per_256"] == 0.4 and cfg["optim"]["milestones"] == [0.5, 0.8]
+    # the same protocol for every norm: only the norm differs between the cells' configs
+    base = compose_config(["experiment=cifar10_cpu", "norm=bn", "batch=2"])
+    assert {k: v for k, v in cfg.items() if k != "norm"} == {k: v for k, v in base.items() if k != "norm"}

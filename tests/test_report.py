@@ -178,3 +178,73 @@ def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkey
     offline_runs = list((out_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb"))
+
+
+def load_quietly(experiment_dir: Path) -> pd.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fabricated incomplete run has a truncated line
+        return results.load_runs(experiment_dir)
+
+
+def test_shape_table_puts_our_differences_beside_the_published_ones(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    summary = results.summarize(runs, by=["norm", "placement", "batch"])
+    table = report.shape_table(summary, [("paper", results.PAPER_RESNET50_IMAGENET),
+                                         ("Keras", results.KERAS_RESNET32_CIFAR10)])
+    assert table.startswith("| norm | batch 32 | batch 8 | batch 2 |")
+    # bn: 10.5 at 32, 13.0 at 8 (one run incomplete), 30.0 at 2 (one seed diverged)
+    assert "| bn (ours) | +0.00 | +2.50 | +19.50 |" in table
+    assert "| bn (paper) | +0.00 | +1.20 | +11.10 |" in table
+    assert "| bn (Keras) | +0.00 | +0.26 | +6.10 |" in table
+    assert "| gn (ours) | +0.00 | +0.50 | +0.50 |" in table
+    assert "| gn (paper) | +0.00 | -0.10 | +0.00 |" in table
+    # one batch: no shape to show
+    assert report.shape_table(summary[summary["batch"] == 32], []) is None
+
+
+def test_shape_table_without_the_base_cell_shows_missing(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    runs = runs[~((runs["norm"] == "gn") & (runs["batch"] == 32))]
+    summary = results.summarize(runs, by=["norm", "placement", "batch"])
+    assert "| gn (ours) | – | – | – |" in report.shape_table(summary, [])
+
+
+def test_cifar10_report_has_the_shape_section(cifar_report):
+    text = cifar_report.read_text()
+    assert "## Shape: error relative to batch 32" in text
+    assert "| bn (paper, ResNet-50 ImageNet) | +0.00 | +1.20 | +11.10 |" in text
+    assert "| bn (Keras ResNet-32 CIFAR-10) | +0.00 | +0.26 | +6.10 |" in text
+
+
+def test_cifar10_jpeg_image_folder_counts_as_cifar10():
+    def runs(**columns):
+        return pd.DataFrame({key: [value, value] for key, value in columns.items()})
+
+    jpeg = {"dataset": "imagefolder", "dataset.root": "~/.cache/normbench/data/cifar10-jpeg",
+            "dataset.image_size": 32, "dataset.class_list": None}
+    assert report.is_cifar10(runs(**jpeg))
+    assert not report.is_cifar10(runs(**{**jpeg, "dataset.root": "/data/cifar100-jpeg"}))
+    assert not report.is_cifar10(runs(**{**jpeg, "dataset.root": "/data/imagenet"}))
+    assert not report.is_cifar10(runs(**{**jpeg, "dataset.class_list": "five_classes.txt"}))
+    assert not report.is_cifar10(runs(**{**jpeg, "dataset.image_size": 64}))
+
+
+def test_report_states_cost_and_includes_notes(tmp_path):
+    experiment_dir = make_experiment(tmp_path / "runs")
+    for number, run_dir in enumerate(results.find_run_dirs(experiment_dir)):
+        # two launches of the first run, a line cut short by a kill in another
+        (run_dir / "launches.jsonl").write_text(
+            '{"started": 1000.0, "outcome": "trained"}\n{"started": 1500.0, "outcome": "resumed"}\n'
+            if number == 0 else '{"started": 2000.0, "outcome": "trained"}\n{"star')
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("BN at batch 2 is worse: see the table.\n")
+    text = write_quietly(experiment_dir, tmp_path / "out", notes=notes).read_text()
+    assert "## Discussion\n\nBN at batch 2 is worse: see the table.\n" in text
+    # 10 completed runs of 6 epochs and 3 others (wall_time 10 s per epoch in their summaries)
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    total = runs["wall_time"].dropna().sum()
+    assert f"summed over {runs['wall_time'].notna().sum()} runs" in text
+    assert f"{total / 60:.1f} min summed" in text
+    assert "(1970-01-01 00:16 UTC to" in text  # the first launch, 1000 s after the epoch
+    with pytest.raises(FileNotFoundError, match="no_such_notes.md"):
+        report.write_report(experiment_dir, tmp_path / "out", notes=tmp_path / "no_such_notes.md")
