@@ -1,4 +1,4 @@
-"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv and figures.
+"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv, curves.csv and figures.
 
 The report reads local run folders only (normbench.results) and records how they were made: the
 command, the machine and the software versions, so a file under results/ can be traced back.
@@ -415,8 +415,10 @@ def environment_info() -> dict[str, str]:
 # --------------------------------------------------------------------------- figures
 
 
-def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]) -> dict[str, Figure]:
-    """Return every figure that applies to these runs, by file stem."""
+def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
+                 curves: pd.DataFrame | None = None) -> dict[str, Figure]:
+    """Return every figure that applies to these runs, by file stem (`curves`: their
+    curves_of() frame, when the caller has it already)."""
     figures: dict[str, Figure | None] = {}
     if summary["batch"].nunique() > 1:
         reference, reference_label = None, "reference"
@@ -426,7 +428,7 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]) -
             reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
         figures["error_vs_batch"] = plots.error_vs_batch(summary, reference=reference,
                                                          reference_label=reference_label)
-    curves = curves_of(runs)
+    curves = curves_of(runs) if curves is None else curves
     if not curves.empty:
         for batch in sorted({int(summary["batch"].max()), int(summary["batch"].min())}, reverse=True):
             figures[f"training_curves_batch{batch}"] = plots.training_curves(curves, batch=batch)
@@ -543,8 +545,8 @@ def render_report(
     if problems:
         parts += ["Runs that did not complete:", "", problems, ""]
     parts += cost_lines(runs) + [""]
-    parts += ["Per-run numbers: [runs.csv](runs.csv); per-cell statistics: [summary.csv](summary.csv).",
-              ""]
+    parts += ["Per-run numbers: [runs.csv](runs.csv); per-cell statistics: [summary.csv](summary.csv); "
+              "every epoch of every run: [curves.csv](curves.csv).", ""]
 
     parts += ["## Environment", "", f"Runs trained on: {trained_on(runs)}.", "",
               "Machine and software that generated this report (the run records name only the "
@@ -579,7 +581,8 @@ def write_report(
     notes: str | Path | None = None,
     log_to_wandb: bool = False,
 ) -> Path:
-    """Write REPORT.md, runs.csv, summary.csv and figures/ for an experiment; return REPORT.md.
+    """Write REPORT.md, runs.csv, summary.csv, curves.csv and figures/ for an experiment; return
+    REPORT.md.
 
     command: the command that produced the runs; by default the experiment folder's command.txt.
     notes: a markdown file written by the experimenter (what the numbers mean), included as the
@@ -605,7 +608,12 @@ def write_report(
     runs.to_csv(out_dir / "runs.csv", index=False)
     summary = pd.concat(summaries.values(), ignore_index=True)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    figure_paths = save_figures(make_figures(runs, summaries["median5_error"], by), out_dir / "figures")
+    # Every epoch of every run: the records behind the tables, so the committed numbers can be
+    # re-derived and re-plotted without the run folders.
+    curves = curves_of(runs)
+    curves.to_csv(out_dir / "curves.csv", index=False)
+    figure_paths = save_figures(make_figures(runs, summaries["median5_error"], by, curves),
+                                out_dir / "figures")
     for path in figure_paths.values():
         log.info("wrote %s (and .svg)", path)
 

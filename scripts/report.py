@@ -1,4 +1,4 @@
-"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv and figures.
+"""Write the report of an experiment: REPORT.md, runs.csv, summary.csv, curves.csv and figures.
 
     python scripts/report.py runs/<experiment> [--out results/<experiment>] [--notes NOTES.md] [--wandb]
 """
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.experiment_dir, out_dir, command=args.command, notes=args.notes,
                           log_to_wandb=args.wandb)
     print(f"report: {report}")
-    print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}")
+    print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}, {out_dir / 'curves.csv'}")
     print(f"figures: {out_dir / 'figures'}")
     return 0
 

@@ -47,6 +47,11 @@ def test_report_writes_tables_and_figures(cifar_report):
     runs = pd.read_csv(out_dir / "runs.csv")
     assert len(runs) == 13
     assert sorted(runs["status"].unique()) == ["completed", "diverged", "failed", "incomplete"]
+    curves = pd.read_csv(out_dir / "curves.csv")
+    epochs = curves.groupby("run_dir")["epoch"].max()
+    completed = runs.loc[runs["status"] == "completed", "run_dir"]
+    assert (epochs[completed] == 6).all() and set(epochs.index) <= set(runs["run_dir"])
+    assert {"norm", "batch", "seed", "test_error", "train_error"} <= set(curves.columns)
     summary = pd.read_csv(out_dir / "summary.csv")
     assert set(summary["metric"]) == {"median5_error", "final_error"}
     cell = summary[(summary["metric"] == "median5_error") & (summary["norm"] == "bn")
