@@ -16,10 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = sorted(path.parent for path in (ROOT / "results").glob("*/curves.csv"))
 
 
-def test_the_reproduction_on_real_data_is_committed():
-    assert ROOT / "results" / "cifar10_cpu" in REPORTS
-
-
 @pytest.fixture(params=REPORTS, ids=lambda path: path.name)
 def committed(request):
     out_dir = request.param
