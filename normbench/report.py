@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -159,19 +159,26 @@ def results_tables(summary: pd.DataFrame) -> str:
     return "\n\n".join(sections)
 
 
+def _ours_by_placement(summary: pd.DataFrame, norm: str, placements: Sequence) -> Iterator:
+    """Yield (row label, cells) for each of our series of one norm, placement by placement; the
+    label says `ours` and, when placements vary, which one."""
+    for placement in placements:
+        ours = summary[summary["norm"] == norm]
+        if placement is not None:
+            ours = ours[ours["placement"] == placement]
+        where = "ours" if len(placements) == 1 else f"ours, {placement}"
+        for label, series in _series(ours):
+            yield f"{label} ({where})", series
+
+
 def comparison_table(summary: pd.DataFrame, reference: pd.DataFrame, reference_name: str) -> str:
     """Return a table with our row and the reference row of each norm next to each other."""
     batches = _batches_descending(summary, reference)
     placements = plots.ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"]) | set(reference["norm"])):
-        for placement in placements:
-            ours = summary[summary["norm"] == norm]
-            if placement is not None:
-                ours = ours[ours["placement"] == placement]
-            where = "ours" if len(placements) == 1 else f"ours, {placement}"
-            for label, series in _series(ours):
-                rows.append([f"{label} ({where})", *_cells_by_batch(series, batches)])
+        for label, series in _ours_by_placement(summary, norm, placements):
+            rows.append([label, *_cells_by_batch(series, batches)])
         theirs = reference[reference["norm"] == norm].set_index("batch")["error"]
         if len(theirs):
             rows.append([f"{norm} ({reference_name})",
@@ -197,16 +204,10 @@ def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFr
     placements = plots.ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"])):
-        for placement in placements:
-            ours = summary[summary["norm"] == norm]
-            if placement is not None:
-                ours = ours[ours["placement"] == placement]
-            where = "ours" if len(placements) == 1 else f"ours, {placement}"
-            for label, series in _series(ours):
-                mean = {int(row["batch"]): row["mean"] for _, row in series.iterrows()}
-                base_mean = mean.get(base, float("nan"))
-                rows.append([f"{label} ({where})",
-                             *[_signed(mean.get(b, float("nan")) - base_mean) for b in batches]])
+        for label, series in _ours_by_placement(summary, norm, placements):
+            mean = {int(row["batch"]): row["mean"] for _, row in series.iterrows()}
+            base_mean = mean.get(base, float("nan"))
+            rows.append([label, *[_signed(mean.get(b, float("nan")) - base_mean) for b in batches]])
         for reference_name, reference in references:
             theirs = reference[reference["norm"] == norm].set_index("batch")["error"]
             if base in theirs.index and len(theirs) > 1:
