@@ -41,9 +41,9 @@ cifar10-cpu: setup
 	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
 	    norm=bn,gn8 batch=32,2 placement=after || exit 1; \
 	done
-	# control: bn and gn at batch 32 with 3x the epochs (3x the SGD steps), its own folder
+	# control: bn and gn at batch 32 and 2 with 3x the epochs (3x the SGD steps), its own folder
 	$(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=0 \
-	  norm=bn,gn8 batch=32 epochs=30 experiment_name=cifar10_cpu_long
+	  norm=bn,gn8 batch=32,2 epochs=30 experiment_name=cifar10_cpu_long
 	$(PY) scripts/report.py runs/cifar10_cpu --out results/cifar10_cpu \
 	  $(if $(wildcard $(CIFAR10_CPU_NOTES)),--notes $(CIFAR10_CPU_NOTES))
 	$(PY) scripts/report.py runs/cifar10_cpu_long --out results/cifar10_cpu_long
