@@ -224,8 +224,27 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> tuple[torch.Generato
 
 
 def eval_shard(num_samples: int, rank: int, world_size: int) -> range:
-    """The contiguous slice of the test set that `rank` evaluates."""
+    """The contiguous slice of the evaluation order (:func:`eval_order`) that `rank` evaluates."""
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+def eval_order(num_samples: int) -> Tensor:
+    """The order in which the test set is evaluated: one fixed permutation, the same for every
+    run, seed, epoch and process.
+
+    Evaluation with running statistics does not depend on the order. Evaluation with batch
+    statistics does (``train_mode_test_error``, ``bn_eval=batch``: chunks of ``batch``
+    consecutive test images): an image folder lists its test images class by class, and a chunk
+    of one class is not the kind of batch the model normalizes over in training, where batches
+    are shuffled. In this order every chunk is a random draw of the test set, as in training.
+    """
+    return torch.randperm(num_samples, generator=_generator("evaluation order"))
+
+
+def eval_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
+    """The test-set indices `rank` evaluates, in evaluation order."""
+    shard = eval_shard(num_samples, rank, world_size)
+    return eval_order(num_samples)[shard.start : shard.stop]
 
 
 # ----------------------------------------------------------------------------- tensor path
@@ -332,7 +351,8 @@ class TensorTrainLoader:
 
 
 class TensorEvalLoader:
-    """This rank's shard of the test set, in order, in batches of `eval_batch`; no augmentation."""
+    """This rank's shard of the test set in evaluation order (:func:`eval_order`), in batches of
+    `eval_batch`; no augmentation."""
 
     def __init__(
         self,
@@ -343,9 +363,9 @@ class TensorEvalLoader:
         std: Sequence[float],
         options: LoaderOptions,
     ) -> None:
-        shard = eval_shard(len(images), options.rank, options.world_size)
-        self.images = images[shard.start : shard.stop].to(options.device)
-        self.labels = labels[shard.start : shard.stop].to(options.device)
+        indices = eval_indices(len(images), options.rank, options.world_size)
+        self.images = images[indices].to(options.device)
+        self.labels = labels[indices].to(options.device)
         self.batch = options.eval_batch
         self._mean, self._std = _channel_stats(mean, std, options.device)
 
@@ -902,21 +922,22 @@ class ShardedTrainBatchSampler:
 
 
 class EvalBatchSampler:
-    """This rank's contiguous shard of the test set in order, in batches of `eval_batch`."""
+    """This rank's shard of the test set in evaluation order (:func:`eval_order`), in batches
+    of `eval_batch`."""
 
     def __init__(self, num_samples: int, options: LoaderOptions) -> None:
-        self.shard = eval_shard(num_samples, options.rank, options.world_size)
+        self.indices = eval_indices(num_samples, options.rank, options.world_size).tolist()
         self.batch = options.eval_batch
 
     def set_epoch(self, epoch: int) -> None:
         """Evaluation does not depend on the epoch."""
 
     def __len__(self) -> int:
-        return math.ceil(len(self.shard) / self.batch)
+        return math.ceil(len(self.indices) / self.batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for start in range(0, len(self.shard), self.batch):
-            yield [(i, 0) for i in self.shard[start : start + self.batch]]
+        for start in range(0, len(self.indices), self.batch):
+            yield [(i, 0) for i in self.indices[start : start + self.batch]]
 
 
 class FolderLoader:

@@ -9,8 +9,9 @@ Per epoch, :func:`evaluate_epoch` records ``test_loss`` and ``test_error`` evalu
 evonorm_b0), two more keys:
 
 - ``train_mode_test_error``: the test error with the statistics the model uses in training,
-  i.e. consecutive chunks of ``batch`` test images (``batch * workers`` for syncbn), nothing
-  written to the running statistics;
+  i.e. consecutive chunks of ``batch`` test images (``batch * workers`` for syncbn) in the
+  loaders' fixed shuffled evaluation order (:func:`normbench.data.eval_order`, so that a
+  chunk mixes classes as a training batch does), nothing written to the running statistics;
 - ``bn_gap = train_mode_test_error - test_error``, in percentage points: how much worse (> 0)
   or better (< 0) the model does with training-mode batch statistics than with the evaluation
   statistics of ``bn_eval``. With ``bn_eval=batch`` both are the same evaluation and the gap

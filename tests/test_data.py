@@ -247,15 +247,41 @@ def test_train_drops_the_partial_batch_and_visits_images_once() -> None:
     assert torch.equal(labels, splits.train_labels[seen])
 
 
-def test_eval_keeps_every_test_image_in_order() -> None:
+def test_eval_keeps_every_test_image_in_the_fixed_evaluation_order() -> None:
     config = small_synthetic()
     splits = data.synthetic_splits(config)
     _, test, info = loaders(config, eval_batch=30)
     batches = list(test)
     assert info.num_test == 70 and len(test) == 3
     assert [len(labels) for _, labels in batches] == [30, 30, 10]
-    assert torch.equal(torch.cat([to_uint8(x, config) for x, _ in batches]), splits.test_images)
-    assert torch.equal(torch.cat([y for _, y in batches]), splits.test_labels)
+    order = data.eval_order(70)
+    assert sorted(order.tolist()) == list(range(70)) and not torch.equal(order, torch.arange(70))
+    assert torch.equal(torch.cat([to_uint8(x, config) for x, _ in batches]), splits.test_images[order])
+    assert torch.equal(torch.cat([y for _, y in batches]), splits.test_labels[order])
+    # the same order for every run seed and every epoch
+    _, other_seed, _ = loaders(config, eval_batch=30, seed=7)
+    other_seed.set_epoch(3)
+    assert torch.equal(torch.cat([y for _, y in other_seed]), splits.test_labels[order])
+
+
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_batch_statistics_chunks_of_a_class_sorted_test_set_mix_classes(tmp_path: Path, preset: str) -> None:
+    # An image folder lists its test images class by class. Evaluated in that order, every
+    # chunk of `batch` consecutive images (what train_mode_test_error and bn_eval=batch
+    # normalize over) held one class, and BN's "train-mode" error measured single-class
+    # batches: 85% at batch 32 on CIFAR-10 while the model scored 38%.
+    root = tmp_path / "sorted"
+    for name in ("a", "b", "c", "d"):
+        for split in ("train", "test"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(pattern(i)).save(root / split / name / f"{i:02d}.png")
+    config = folder_config(root, num_classes=4, preset=preset, image_size=16)
+    _, test, _ = loaders(config, global_batch=8, eval_batch=32)
+    labels = torch.cat([y for _, y in test])
+    assert torch.equal(torch.bincount(labels), torch.full((4,), 8))  # every image, once
+    chunks = labels.view(-1, 8)  # chunks of a batch of 8
+    assert all(len(set(chunk.tolist())) > 1 for chunk in chunks)
 
 
 def test_eval_shards_cover_the_test_set_without_overlap() -> None:
@@ -267,9 +293,10 @@ def test_eval_shards_cover_the_test_set_without_overlap() -> None:
     labels = [torch.cat([y for _, y in shard]) for shard in shards]
     assert [len(y) for y in labels] == [23, 23, 24]
     assert sum(len(shard) for shard in shards) == 3 + 3 + 3
-    assert torch.equal(torch.cat(labels), splits.test_labels)
+    order = data.eval_order(70)
+    assert torch.equal(torch.cat(labels), splits.test_labels[order])
     images = torch.cat([to_uint8(x, config) for shard in shards for x, _ in shard])
-    assert torch.equal(images, splits.test_images)
+    assert torch.equal(images, splits.test_images[order])
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -362,8 +389,11 @@ def test_image_folder_classes_labels_and_pixels(folder: Path) -> None:
     assert (info.num_train, info.num_test, info.skipped_files) == (12, 6, 0)
     test_images = torch.cat([to_uint8(x, config) for x, _ in test])
     test_labels = torch.cat([y for _, y in test])
-    assert test_labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert torch.equal(test_images[0], torch.from_numpy(pattern(12)).permute(2, 0, 1))
+    # the folder lists test images class by class; they are evaluated in the fixed shuffled order
+    order = data.eval_order(6)
+    assert test_labels.tolist() == torch.tensor([0, 0, 1, 1, 2, 2])[order].tolist()
+    first = 12 + int(order[0])  # test/cat/00 is pattern(12), then cat/01, dog/00, ...
+    assert torch.equal(test_images[0], torch.from_numpy(pattern(first)).permute(2, 0, 1))
     batch, _ = epoch_batches(train, 0)[0]
     assert batch.shape == (6, 3, 32, 32)
 
@@ -376,8 +406,11 @@ def test_class_list_selects_and_orders_classes(folder: Path, tmp_path: Path) -> 
     assert info.classes == ("frog", "cat") and info.num_train == 8
     labels = torch.cat([y for _, y in test]).tolist()
     images = torch.cat([to_uint8(x, config) for x, _ in test])
-    assert labels == [0, 0, 1, 1]
-    assert torch.equal(images[0], torch.from_numpy(pattern(16)).permute(2, 0, 1))  # test/frog/00
+    order = data.eval_order(4)
+    assert labels == torch.tensor([0, 0, 1, 1])[order].tolist()
+    # label 0 is frog (test/frog/00, 01: patterns 16, 17), label 1 cat (test/cat/00, 01: 12, 13)
+    first = (16, 17, 12, 13)[int(order[0])]
+    assert torch.equal(images[0], torch.from_numpy(pattern(first)).permute(2, 0, 1))
 
 
 def test_class_list_names_missing_classes_and_folder(folder: Path, tmp_path: Path) -> None:
@@ -472,7 +505,8 @@ def test_imagenet_preset_shapes_and_determinism(folder: Path) -> None:
     assert not torch.equal(images, epoch_batches(train, 2)[0][0])
     test_batches = list(test)
     assert [x.shape for x, _ in test_batches] == [(4, 3, 24, 24), (2, 3, 24, 24)]
-    assert torch.cat([y for _, y in test_batches]).tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.cat([y for _, y in test_batches]).tolist() == torch.tensor(
+        [0, 0, 1, 1, 2, 2])[data.eval_order(6)].tolist()
 
 
 def test_imagenet_augmentation_depends_on_seed_epoch_and_image(folder: Path) -> None:
