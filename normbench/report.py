@@ -48,6 +48,8 @@ KEY_SETTINGS = (
     "optim.nesterov", "optim.weight_decay", "bn_eval",
 )
 MISSING = "–"
+# Diagnostics a report can leave out (write_report(leave_out=...)), e.g. records known to be wrong.
+OPTIONAL_METRICS = ("bn_gap", "train_mode_test_error")
 
 
 # --------------------------------------------------------------------------- what the runs are
@@ -435,7 +437,8 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
             figures[f"training_curves_batch{batch}"] = plots.training_curves(curves, batch=batch)
     # A groups sweep is always a reproduction of the paper's Table 3, so its numbers are drawn too.
     figures["groups_ablation"] = plots.groups_ablation(summary, reference=True)
-    figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by))
+    if "bn_gap" in runs.columns:
+        figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by))
     return {name: figure for name, figure in figures.items() if figure is not None}
 
 
@@ -482,8 +485,11 @@ def render_report(
     command: str | None,
     environment: dict[str, str],
     notes: str | None = None,
+    left_out: Sequence[str] = (),
+    report_options: Sequence[str] = (),
 ) -> str:
-    """Return REPORT.md as a string; `notes` (markdown) becomes its Discussion section."""
+    """Return REPORT.md as a string; `notes` (markdown) becomes its Discussion section;
+    `report_options` are the options of scripts/report.py that regenerate it beyond --out."""
     median5, final = summaries["median5_error"], summaries["final_error"]
     parts = [f"# {name}", ""]
     parts += [f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
@@ -493,9 +499,13 @@ def render_report(
         parts += ["```bash", command, "```"]
     else:
         parts += [f"Command unknown: no `{COMMAND_FILE}` in the experiment folder."]
-    parts += ["", f"Regenerate this report: `python scripts/report.py {experiment_dir.as_posix()} "
-                  f"--out {out_dir.as_posix()}`", ""]
+    regenerate = f"python scripts/report.py {experiment_dir.as_posix()} --out {out_dir.as_posix()}"
+    regenerate += "".join(f" {option}" for option in report_options)
+    parts += ["", f"Regenerate this report: `{regenerate}`", ""]
     parts += settings_lines(runs) + [""]
+    if left_out:
+        parts += [f"Left out of this report: {', '.join(f'`{m}`' for m in left_out)}, recorded by "
+                  "the runs but not shown here" + (" (see the Discussion)." if notes else "."), ""]
 
     parts += ["## Results", "",
               "Top-1 test error (%), median of the last 5 epochs (the paper's metric): mean ± std "
@@ -580,6 +590,7 @@ def write_report(
     *,
     command: str | None = None,
     notes: str | Path | None = None,
+    leave_out: Sequence[str] = (),
     log_to_wandb: bool = False,
 ) -> Path:
     """Write REPORT.md, runs.csv, summary.csv, curves.csv and figures/ for an experiment; return
@@ -588,16 +599,22 @@ def write_report(
     command: the command that produced the runs; by default the experiment folder's command.txt.
     notes: a markdown file written by the experimenter (what the numbers mean), included as the
         report's Discussion section, so regenerating the report keeps it.
+    leave_out: metrics of OPTIONAL_METRICS to leave out of the tables, CSVs and figures (the
+        report says so), e.g. where the records of a diagnostic are known to be wrong.
     log_to_wandb: also log figures and the summary to one W&B run in out_dir/wandb.
     """
     experiment_dir, out_dir = Path(experiment_dir), Path(out_dir)
+    unknown = [m for m in leave_out if m not in OPTIONAL_METRICS]
+    if unknown:
+        raise ValueError(f"cannot leave out {', '.join(map(repr, unknown))}: the metrics a report "
+                         f"can leave out are {', '.join(OPTIONAL_METRICS)}")
     notes_text = None
     if notes is not None:
         if not Path(notes).is_file():
             raise FileNotFoundError(f"notes file {str(notes)!r} does not exist")
         notes_text = Path(notes).read_text()  # read first: out_dir may be where it lives
     log.info("loading runs from %s", experiment_dir)
-    runs = load_runs(experiment_dir)
+    runs = load_runs(experiment_dir).drop(columns=list(leave_out), errors="ignore")
     name = experiment_name(runs, experiment_dir)
     core = [c for c in CORE_KEYS if c in runs.columns]
     by = [*core, *extra_factors(runs, core)]
@@ -611,7 +628,7 @@ def write_report(
     summary.to_csv(out_dir / "summary.csv", index=False)
     # Every epoch of every run: the records behind the tables, so the committed numbers can be
     # re-derived and re-plotted without the run folders.
-    curves = curves_of(runs)
+    curves = curves_of(runs).drop(columns=list(leave_out), errors="ignore")
     curves.to_csv(out_dir / "curves.csv", index=False)
     figure_paths = save_figures(make_figures(runs, summaries["median5_error"], by, curves),
                                 out_dir / "figures")
@@ -621,7 +638,9 @@ def write_report(
     report_path = out_dir / "REPORT.md"
     report_path.write_text(render_report(
         name, runs, summaries, figure_paths, out_dir, experiment_dir,
-        runs_command(experiment_dir, command), environment_info(), notes_text,
+        runs_command(experiment_dir, command), environment_info(), notes_text, list(leave_out),
+        [*([f"--notes {Path(notes).as_posix()}"] if notes is not None else []),
+         *[f"--leave-out {metric}" for metric in leave_out]],
     ))
     log.info("wrote %s", report_path)
     if log_to_wandb:

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--notes", type=Path, default=None,
                         help="a markdown file of your own (what the numbers mean), included as the "
                              "report's Discussion section")
+    parser.add_argument("--leave-out", action="append", default=[], metavar="METRIC",
+                        help="leave a diagnostic out of the report (repeatable; say why in --notes): "
+                             "bn_gap, train_mode_test_error")
     parser.add_argument("--wandb", action="store_true",
                         help="also log figures and summary to W&B (WANDB_MODE, default offline)")
     return parser.parse_args(argv)
@@ -36,10 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.notes is not None and not args.notes.is_file():
         print(f"report: --notes {str(args.notes)!r} is not a file", file=sys.stderr)
         return 2
+    from normbench.report import OPTIONAL_METRICS
+
+    unknown = [m for m in args.leave_out if m not in OPTIONAL_METRICS]
+    if unknown:
+        print(f"report: --leave-out {', '.join(unknown)}: can leave out {', '.join(OPTIONAL_METRICS)}",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = args.out or Path("results") / args.experiment_dir.resolve().name
     report = write_report(args.experiment_dir, out_dir, command=args.command, notes=args.notes,
-                          log_to_wandb=args.wandb)
+                          leave_out=args.leave_out, log_to_wandb=args.wandb)
     print(f"report: {report}")
     print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}, {out_dir / 'curves.csv'}")
     print(f"figures: {out_dir / 'figures'}")

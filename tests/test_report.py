@@ -245,6 +245,7 @@ def test_report_states_cost_and_includes_notes(tmp_path):
     notes.write_text("BN at batch 2 is worse: see the table.\n")
     text = write_quietly(experiment_dir, tmp_path / "out", notes=notes).read_text()
     assert "## Discussion\n\nBN at batch 2 is worse: see the table.\n" in text
+    assert f"--out {(tmp_path / 'out').as_posix()} --notes {notes.as_posix()}`" in text
     # 10 completed runs of 6 epochs and 3 others (wall_time 10 s per epoch in their summaries)
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     total = runs["wall_time"].dropna().sum()
@@ -253,3 +254,19 @@ def test_report_states_cost_and_includes_notes(tmp_path):
     assert "(1970-01-01 00:16 UTC to" in text  # the first launch, 1000 s after the epoch
     with pytest.raises(FileNotFoundError, match="no_such_notes.md"):
         report.write_report(experiment_dir, tmp_path / "out", notes=tmp_path / "no_such_notes.md")
+
+
+def test_report_can_leave_out_a_diagnostic(tmp_path):
+    experiment_dir = make_experiment(tmp_path / "runs")
+    out_dir = tmp_path / "out"
+    text = write_quietly(experiment_dir, out_dir, leave_out=["bn_gap", "train_mode_test_error"]).read_text()
+    assert "Left out of this report: `bn_gap`, `train_mode_test_error`" in text
+    assert f"--out {out_dir.as_posix()} --leave-out bn_gap --leave-out train_mode_test_error`" in text
+    assert not (out_dir / "figures" / "bn_gap_vs_batch.png").exists()
+    for table in ("runs.csv", "curves.csv"):
+        assert "bn_gap" not in pd.read_csv(out_dir / table).columns
+    # by default the gap is there
+    write_quietly(experiment_dir, tmp_path / "all")
+    assert (tmp_path / "all" / "figures" / "bn_gap_vs_batch.png").exists()
+    with pytest.raises(ValueError, match="cannot leave out 'test_error'.*bn_gap, train_mode_test_error"):
+        report.write_report(experiment_dir, out_dir, leave_out=["test_error"])
