@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = sorted(path.parent for path in (ROOT / "results").glob("*/curves.csv"))
 
 
+def test_the_reproduction_on_real_data_is_committed():
+    for name in ("cifar10_cpu", "cifar10_cpu_long"):
+        assert ROOT / "results" / name in REPORTS
+        assert "## Discussion" in (ROOT / "results" / name / "REPORT.md").read_text()
+
+
 @pytest.fixture(params=REPORTS, ids=lambda path: path.name)
 def committed(request):
     out_dir = request.param
