@@ -79,10 +79,9 @@ def compares_with_paper(runs: pd.DataFrame) -> bool:
     return imagenet and _single_value(runs, "model") == "resnet50"
 
 
-def _is_cifar10_name(name: str) -> bool:
-    """cifar10, CIFAR-10, cifar10-jpeg, ... but not cifar100."""
-    plain = "".join(ch for ch in name.lower() if ch.isalnum())
-    return plain.startswith("cifar10") and not plain.startswith("cifar100")
+def _plain(name: str) -> str:
+    """CIFAR-10 -> cifar10: lower case, letters and digits only."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def is_cifar10(runs: pd.DataFrame) -> bool:
@@ -91,9 +90,10 @@ def is_cifar10(runs: pd.DataFrame) -> bool:
     `scripts/prepare_data.py` unpacks into a folder named cifar10-jpeg) with all 10 classes."""
     dataset = _single_value(runs, "dataset") or ""
     if dataset != "imagefolder":
-        return dataset.lower().replace("-", "").replace("_", "") == "cifar10"
+        return _plain(dataset) == "cifar10"
     root = _single_value(runs, "dataset.root")
-    return (root is not None and _is_cifar10_name(Path(root).name)
+    folder = _plain(Path(root).name) if root is not None else ""
+    return (folder.startswith("cifar10") and not folder.startswith("cifar100")
             and _single_value(runs, "dataset.image_size") in (None, "32")
             and _single_value(runs, "dataset.class_list") in (None, "None", "nan"))
 

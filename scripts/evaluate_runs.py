@@ -29,8 +29,7 @@ from normbench.records import RunFolder  # noqa: E402
 from normbench.results import find_run_dirs, read_metrics  # noqa: E402
 from normbench.train import Trainer  # noqa: E402
 
-log = logging.getLogger("evaluate_runs")
-KEYS = ("norm", "placement", "batch", "seed")
+CELL = ("norm", "placement", "batch")  # the markdown table's rows: one per cell, seeds averaged
 
 
 def evaluate_run(run_dir: Path, threads: int, batch_dependent_only: bool = False) -> dict | None:
@@ -61,7 +60,7 @@ def evaluate_run(run_dir: Path, threads: int, batch_dependent_only: bool = False
 def markdown(frame: pd.DataFrame) -> str:
     """Mean over seeds per (norm, placement, batch) of the new evaluation, as a markdown table."""
     columns = [c for c in ("test_error", "train_mode_test_error", "bn_gap") if c in frame.columns]
-    table = frame.groupby(list(KEYS[:3]), sort=True)[columns].agg(["mean", "count"])
+    table = frame.groupby(list(CELL), sort=True)[columns].agg(["mean", "count"])
     header = ["norm", "placement", "batch", *[f"{c} (mean, n)" for c in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, row in table.iterrows():

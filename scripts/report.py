@@ -1,6 +1,7 @@
 """Write the report of an experiment: REPORT.md, runs.csv, summary.csv, curves.csv and figures.
 
-    python scripts/report.py runs/<experiment> [--out results/<experiment>] [--notes NOTES.md] [--wandb]
+    python scripts/report.py runs/<experiment> [--out results/<experiment>] [--notes NOTES.md]
+        [--leave-out bn_gap] [--wandb]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normbench.report import write_report  # noqa: E402
+from normbench.report import OPTIONAL_METRICS, write_report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,26 +27,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--notes", type=Path, default=None,
                         help="a markdown file of your own (what the numbers mean), included as the "
                              "report's Discussion section")
-    parser.add_argument("--leave-out", action="append", default=[], metavar="METRIC",
-                        help="leave a diagnostic out of the report (repeatable; say why in --notes): "
-                             "bn_gap, train_mode_test_error")
+    parser.add_argument("--leave-out", action="append", default=[], choices=OPTIONAL_METRICS,
+                        help="leave a diagnostic out of the report (repeatable; say why in --notes)")
     parser.add_argument("--wandb", action="store_true",
                         help="also log figures and summary to W&B (WANDB_MODE, default offline)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.notes is not None and not args.notes.is_file():
+        parser.error(f"--notes {str(args.notes)!r} is not a file")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.notes is not None and not args.notes.is_file():
-        print(f"report: --notes {str(args.notes)!r} is not a file", file=sys.stderr)
-        return 2
-    from normbench.report import OPTIONAL_METRICS
-
-    unknown = [m for m in args.leave_out if m not in OPTIONAL_METRICS]
-    if unknown:
-        print(f"report: --leave-out {', '.join(unknown)}: can leave out {', '.join(OPTIONAL_METRICS)}",
-              file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = args.out or Path("results") / args.experiment_dir.resolve().name
     report = write_report(args.experiment_dir, out_dir, command=args.command, notes=args.notes,
