@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from normbench import distributed
 from normbench.config import ConfigError, run_name
 from normbench.data import DatasetError
+from normbench.hydra_callbacks import if_run_folder_held
 from normbench.norms import NormConfigError
-from normbench.records import RecordsError
+from normbench.records import RecordsError, Terminated
 from normbench.train import run
 
 log = logging.getLogger("normbench")
@@ -54,6 +55,7 @@ def _first_process_only(value: Any, otherwise: Any = None) -> Any:
 
 OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
 OmegaConf.register_new_resolver("first_process_only", _first_process_only, replace=True)
+OmegaConf.register_new_resolver("if_run_folder_held", if_run_folder_held, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -71,6 +73,9 @@ def main(cfg: DictConfig) -> float | None:
         if in_sweep:
             return None  # the sweep goes on; the run folder says why this cell failed
         sys.exit(2)
+    except Terminated as error:  # SIGTERM (SLURM's notice before a kill): records are consistent
+        log.error("%s: %s", run_dir, error)
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except Exception:
         if in_sweep:
             log.exception("run %s failed; the sweep goes on", run_dir)

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .records import RunFolder, write_atomic_text
+from .records import FINISHED, RunFolder, write_atomic_text
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("completed", "diverged")  # a run in one of these states is never trained again
 GIT_RETRIES = 10  # parallel jobs of a sweep commit at the same time: git's index lock is busy
 
 

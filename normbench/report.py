@@ -6,7 +6,6 @@ command, the machine and the software versions, so a file under results/ can be 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -21,6 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from normbench import plots
+from normbench.records import (COMMAND_FILE, COMPLETED, DIVERGED, FAILED, STATUSES, last_written,
+                               read_launches, read_sweep_commands)
 from normbench.results import (
     KERAS_RESNET32_CIFAR10,
     KERAS_SOURCE,
@@ -37,9 +38,7 @@ from normbench.results import (
 
 log = logging.getLogger(__name__)
 
-COMMAND_FILE = "command.txt"
 CORE_KEYS = ("norm", "placement", "batch")
-STATUS_ORDER = ("completed", "diverged", "failed", "incomplete")
 # Settings worth stating in the report when every run shares them.
 KEY_SETTINGS = (
     "model", "model.stem", "model.width", "dataset", "dataset.image_size", "dataset.max_per_class",
@@ -102,8 +101,8 @@ def runs_command(experiment_dir: Path, command: str | None) -> str | None:
     """Return the command that produced the runs: the argument, else the folder's command.txt."""
     if command:
         return command
-    path = experiment_dir / COMMAND_FILE
-    return path.read_text().strip() if path.exists() else None
+    commands = read_sweep_commands(experiment_dir)
+    return "\n".join(commands) if commands else None
 
 
 # --------------------------------------------------------------------------- tables
@@ -116,7 +115,7 @@ def format_cell(cell: pd.Series | None) -> str:
     """
     if cell is None:
         return MISSING
-    others = [f"{int(cell[s])} {s}" for s in STATUS_ORDER[1:] if cell[s] > 0]
+    others = [f"{int(cell[s])} {s}" for s in STATUSES[1:] if cell[s] > 0]
     count = int(cell["count"])
     if count == 0:
         return f"**{', '.join(others)}**" if others else MISSING
@@ -252,14 +251,14 @@ def groups_comparison_table(summary: pd.DataFrame) -> str | None:
 
 def status_table(runs: pd.DataFrame) -> str:
     counts = runs["status"].value_counts()
-    statuses = [*STATUS_ORDER, *sorted(set(counts.index) - set(STATUS_ORDER))]
+    statuses = [*STATUSES, *sorted(set(counts.index) - set(STATUSES))]
     return markdown_table(["status", "runs"], [[s, int(counts.get(s, 0))] for s in statuses])
 
 
 def _problem_detail(run: pd.Series) -> str:
-    if run["status"] == "diverged":
+    if run["status"] == DIVERGED:
         return f"diverged at epoch {run['diverged_epoch']:g}, step {run['diverged_step']:g}"
-    if run["status"] == "failed":
+    if run["status"] == FAILED:
         return str(run["error_message"] or "no error message").splitlines()[0]
     planned = f" of {run['epochs']:g}" if "epochs" in run and pd.notna(run["epochs"]) else ""
     return f"{run['epochs_done']:g}{planned} epochs done"
@@ -267,7 +266,7 @@ def _problem_detail(run: pd.Series) -> str:
 
 def problem_runs_table(runs: pd.DataFrame, experiment_dir: Path) -> str | None:
     """Return a table of the runs that did not complete, with why; None when all completed."""
-    problems = runs[runs["status"] != "completed"]
+    problems = runs[runs["status"] != COMPLETED]
     if problems.empty:
         return None
     keys = [c for c in (*CORE_KEYS, "seed") if c in runs.columns]
@@ -311,15 +310,11 @@ def launch_span(run_dirs: Sequence[str]) -> tuple[float, float] | None:
     folders hold no launch record."""
     starts, ends = [], []
     for run_dir in map(Path, run_dirs):
-        launches = run_dir / "launches.jsonl"
-        if launches.exists():
-            for line in launches.read_text().splitlines():
-                try:
-                    starts.append(float(json.loads(line)["started"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a kill: the others still say when it ran
-        ends += [(run_dir / f).stat().st_mtime for f in ("metrics.jsonl", "summary.json")
-                 if (run_dir / f).exists()]
+        # a line cut short by a kill is skipped: the others still say when it ran
+        starts += [float(launch["started"]) for launch in read_launches(run_dir)]
+        end = last_written(run_dir)
+        if end is not None:
+            ends.append(end)
     if not starts or not ends:
         return None
     return min(starts), max(ends)

@@ -1,13 +1,13 @@
 """Load the run folders of an experiment into pandas, and the published numbers to compare with.
 
 A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (one line per finished
-epoch) and, once the run has ended, `summary.json`. This module only reads those files: it never
-talks to W&B (that needs a network) and never imports Hydra.
+epoch) and, once the run has ended, `summary.json`; :mod:`normbench.records` owns that format and
+this module reads the files through it (damaged records raise its RecordsError, naming the file).
+It never talks to W&B (that needs a network) and never imports Hydra.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
-STATUSES = ("completed", "diverged", "failed", "incomplete")
+from normbench import records
+from normbench.records import (COMPLETED, CONFIG_FILE, DIVERGED, FAILED, INCOMPLETE, STATUSES,
+                               find_run_dirs, read_metrics, read_summary)
 
 # Config groups whose `name` is also given as a short column (`norm` = `norm.name`).
 ALIASED_GROUPS = ("norm", "model", "dataset")
@@ -64,42 +61,6 @@ _NOT_SWEPT_PREFIXES = ("wandb.", "hydra.")
 _NOT_SWEPT_SUFFIXES = ("dir", "path")
 
 
-# --------------------------------------------------------------------------- finding runs
-
-
-# Files that mark a folder as a run folder even before config.yaml exists.
-_RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, "launches.jsonl", "run.log")
-
-
-def _is_inside_hidden_or_wandb(path: Path, root: Path) -> bool:
-    """True under .hydra/ and the like, or wandb/: their config.yaml files are not runs."""
-    return any(part.startswith(".") or part == "wandb" for part in path.relative_to(root).parts)
-
-
-def find_run_dirs(experiment_dir: str | Path) -> list[Path]:
-    """Return the run folders (those holding a config.yaml) under an experiment folder, sorted.
-
-    Hidden folders and wandb/ are skipped: Hydra keeps a `.hydra/config.yaml` and W&B a
-    `files/config.yaml` inside each run folder. A folder that looks like a run (it has a log or
-    records) but has no config.yaml cannot be placed in the grid: it is named in a warning.
-    """
-    root = Path(experiment_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"experiment folder {str(root)!r} does not exist")
-    run_dirs = sorted(
-        path.parent for path in root.rglob(CONFIG_FILE)
-        if not _is_inside_hidden_or_wandb(path.parent, root)
-    )
-    without_config = sorted(
-        {path.parent for marker in _RUN_MARKERS for path in root.rglob(marker)
-         if not _is_inside_hidden_or_wandb(path.parent, root)} - set(run_dirs)
-    )
-    for folder in without_config:
-        warnings.warn(f"{folder} looks like a run folder but has no {CONFIG_FILE}; it is left out "
-                      f"(see its run.log)")
-    return run_dirs
-
-
 # --------------------------------------------------------------------------- reading one run
 
 
@@ -119,48 +80,14 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """Return the run's flattened config with the short `norm`, `model`, `dataset` columns."""
-    with open(run_dir / CONFIG_FILE) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, Mapping):
-        raise ValueError(f"{run_dir / CONFIG_FILE}: expected a mapping, got {type(config).__name__}")
+    config = records.read_config(run_dir)
+    if config is None:
+        raise records.RecordsError(f"{Path(run_dir) / CONFIG_FILE} does not exist")
     flat = flatten_config(config)
     for group in ALIASED_GROUPS:
         if f"{group}.name" in flat:
             flat[group] = flat[f"{group}.name"]
     return flat
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Return the per-epoch records of a run, one dict per epoch, in epoch order.
-
-    A truncated last line (the run was killed while writing it) is dropped with a warning. A bad
-    line anywhere else means the file is corrupt, which is an error. When a resumed run wrote an
-    epoch twice, the later record wins.
-    """
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                warnings.warn(f"{path}: ignoring truncated last line {number}: {line[:80]!r}")
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from exc
-        records[int(record["epoch"])] = record
-    return [records[epoch] for epoch in sorted(records)]
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """Return summary.json as a dict, or None while the run is unfinished."""
-    path = run_dir / SUMMARY_FILE
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _number(value: Any) -> float:
@@ -206,14 +133,14 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     records = read_metrics(run_dir)
     summary = read_summary(run_dir)
     results = results_from_metrics(records)
-    results["status"] = "incomplete"
+    results["status"] = INCOMPLETE
     results["diverged_epoch"] = math.nan
     results["diverged_step"] = math.nan
     results["error_message"] = None
     results["trained_on"] = None
     if summary is not None:
         # The runner's summary is the record of truth; the metrics fill what it leaves out.
-        results["status"] = summary.get("status", "incomplete")
+        results["status"] = summary["status"]
         for key in ("final_error", "median5_error", "best_error", "images_per_second", "wall_time"):
             if key in summary:
                 results[key] = _number(summary[key])
@@ -369,16 +296,16 @@ def summarize(
     rows = []
     # dropna=False keeps groups whose key is missing, e.g. norm.groups for bn rows.
     for key, group in df.groupby(by, dropna=False, sort=True):
-        done = group.loc[group["status"] == "completed", metric].astype(float)
+        done = group.loc[group["status"] == COMPLETED, metric].astype(float)
         row = dict(zip(by, key, strict=True))
         row.update(
             metric=metric,
             mean=done.mean(),
             std=done.std(ddof=1),
             count=int(done.count()),
-            diverged=int((group["status"] == "diverged").sum()),
-            failed=int((group["status"] == "failed").sum()),
-            incomplete=int((group["status"] == "incomplete").sum()),
+            diverged=int((group["status"] == DIVERGED).sum()),
+            failed=int((group["status"] == FAILED).sum()),
+            incomplete=int((group["status"] == INCOMPLETE).sum()),
         )
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, "metric", "mean", "std", "count", "diverged", "failed", "incomplete"])

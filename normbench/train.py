@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
-                     run_name, validate_config)
-from .archive import FINISHED, archive_folder, archive_run, archived_summary, commit_archive
+                     run_key, run_name, validate_config)
+from .archive import archive_folder, archive_run, archived_summary, commit_archive
 from .bn_eval import dedicated_epoch, statistics_batch
 from .distributed import (average_over_processes, average_running_statistics,
                           check_process_count, data_parallel, first_process_decides,
@@ -40,7 +40,9 @@ from .distributed import (average_over_processes, average_running_statistics,
 from .evaluation import evaluate_epoch
 from .fast_paths import use_channels_last
 from .machine import cpu_features, cpu_has_bf16, describe_machine
-from .records import OtherProcessRunFolder, RecordsError, RunFolder
+from .records import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RESUMED, RUN_KEY_ENTRY,
+                      SKIPPED, TRAINED, OtherProcessRunFolder, RecordsError, RunFolder,
+                      failure_summary, sigterm_interrupts)
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "step": self.step, "history": self.history,
-                "wandb_id": self.wandb_id}
+                "wandb_id": self.wandb_id, RUN_KEY_ENTRY: run_key(self.cfg)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -296,11 +298,11 @@ class Trainer:
             log.info("epoch %d/%d  train err %.2f  test err %.2f  loss %.3f  lr %.4g  %.0f img/s",
                      self.epoch, cfg["epochs"], record["train_error"], record["test_error"],
                      record["train_loss"], record["lr"], record["images_per_second"])
-        return self.summary("completed")
+        return self.summary(COMPLETED)
 
     def summary(self, status: str, **extra: Any) -> dict[str, Any]:
         errors = [r["test_error"] for r in self.history]
-        finished = status == "completed"
+        finished = status == COMPLETED
         return {
             "status": status,
             "final_error": errors[-1] if finished else None,
@@ -337,26 +339,29 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     folder = RunFolder(run_dir) if is_first_process() else OtherProcessRunFolder(run_dir)
     first_process_decides(folder.open)
     started = time.time()
-    outcome = "failed"
+    outcome = FAILED
     try:
-        try:
-            validate_config(cfg)
-            check_process_count(cfg, world_size())
-        except ConfigError as error:
-            # Refused before any work; the folder says why, so a sweep's report shows the cell.
-            if folder.read_config() is None:
-                folder.write_config(cfg)
-            folder.write_summary(failure_summary(error))
-            raise
-        summary = _run_in_folder(cfg, folder)
-        if is_first_process():
-            keep_in_archive(cfg, folder)
+        with sigterm_interrupts():  # SIGTERM (SLURM's notice before a kill) stops like Ctrl-C
+            try:
+                validate_config(cfg)
+                check_process_count(cfg, world_size())
+            except ConfigError as error:
+                # Refused before any work; the folder says why, so a sweep's report shows the
+                # cell (a damaged config.yaml, or a finished run's summary, stays as it is).
+                with contextlib.suppress(RecordsError):
+                    if folder.read_config() is None:
+                        folder.write_config(cfg)
+                folder.record_failure(failure_summary(error))
+                raise
+            summary = _run_in_folder(cfg, folder)
+            if is_first_process():
+                keep_in_archive(cfg, folder)
         outcome = summary["outcome"]
-        if outcome != "skipped" and summary["status"] == "diverged":
-            outcome = "diverged"
+        if outcome != SKIPPED and summary["status"] == DIVERGED:
+            outcome = DIVERGED
         return summary
     except (Exception, KeyboardInterrupt) as error:
-        outcome = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        outcome = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
         raise
     finally:
         folder.record_launch(outcome, started)
@@ -367,19 +372,20 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
     previous = first_process_decides(lambda: _finished_run(cfg, folder))
     if previous is not None:
         log.info("%s: already %s, nothing to do", folder.path, previous["status"])
-        return {**previous, "outcome": "skipped"}
+        return {**previous, "outcome": SKIPPED}
     try:
         trainer = Trainer(cfg, folder)
-        # read by the first process, sent to the others: every process resumes from it
-        checkpoint = first_process_decides(folder.load_checkpoint)
+        # read by the first process, sent to the others: every process resumes from it; a
+        # checkpoint of another config is refused
+        checkpoint = first_process_decides(lambda: folder.load_checkpoint(run_key(cfg)))
     except Exception as error:  # data or records unusable: say so in the folder, then raise
-        folder.write_summary(failure_summary(error))
+        folder.record_failure(failure_summary(error))
         raise
-    outcome = "trained"
+    outcome = TRAINED
     if checkpoint is not None:
         trainer.restore(checkpoint)
         folder.rewrite_metrics(trainer.history)
-        outcome = "resumed"
+        outcome = RESUMED
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
     wandb_settings = cfg["wandb"] if is_first_process() else {**cfg["wandb"], "mode": "disabled"}
     tracker = Tracker(wandb_settings, folder.path, {**flat_config(cfg), "config": dict(cfg)},
@@ -391,11 +397,11 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         # Divergence is a result of the protocol (e.g. BN at batch 2 with a large lr), not a
         # crash: it is recorded as such and the run counts as finished.
         log.error("%s: diverged: %s", folder.path, error)
-        summary = trainer.summary("diverged", error=str(error),
+        summary = trainer.summary(DIVERGED, error=str(error),
                                   diverged_at={"epoch": error.epoch, "step": error.step})
     except Exception as error:
-        summary = {**trainer.summary("failed"), **failure_summary(error)}
-        folder.write_summary(summary)
+        summary = {**trainer.summary(FAILED), **failure_summary(error)}
+        folder.record_failure(summary)  # best effort: never hides `error` (e.g. a full disk)
         tracker.summary({k: v for k, v in summary.items() if k != "traceback"})
         tracker.finish(exit_code=1)
         raise
@@ -430,6 +436,8 @@ def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] |
     config (or none) and has it written. A folder holding another config is refused first,
     finished or not: its result is not this config's."""
     stored = folder.read_config()
+    if stored is None:  # config.yaml deleted: a checkpoint left here says which config it is
+        stored = folder.checkpoint_run_key()
     if stored is not None and config_differences(stored, cfg):
         raise RecordsError(f"run folder {folder.path} holds a run with a different config "
                            f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
@@ -448,8 +456,3 @@ def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] |
         return archived
     folder.write_config(cfg)
     return None
-
-
-def failure_summary(error: BaseException) -> dict[str, Any]:
-    return {"status": "failed", "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc()}

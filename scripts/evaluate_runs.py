@@ -8,7 +8,8 @@ a run evaluates it after an epoch (`test_error`, and for batch-dependent norms
 `train_mode_test_error` and `bn_gap`). Use it when an evaluation was wrong in the records and has
 been fixed since: the recorded last-epoch `test_error` is written beside the new one, so a
 checkpoint that is not the last epoch's, or an evaluation that changed what it should not, shows.
-It writes a CSV and a markdown table (same name, .md) and trains nothing.
+It writes a CSV and a markdown table (same name, .md) and trains nothing. Damaged records stop
+it with one line naming the file (exit status 2).
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from normbench.bn_eval import has_batch_statistics  # noqa: E402
-from normbench.records import RunFolder  # noqa: E402
-from normbench.results import find_run_dirs, read_metrics  # noqa: E402
+from normbench.config import run_key  # noqa: E402
+from normbench.records import RecordsError, RunFolder, find_run_dirs  # noqa: E402
 from normbench.train import Trainer  # noqa: E402
 
 CELL = ("norm", "placement", "batch")  # the markdown table's rows: one per cell, seeds averaged
@@ -36,16 +36,18 @@ def evaluate_run(run_dir: Path, threads: int, batch_dependent_only: bool = False
     """Return the run's keys, recorded last-epoch errors and the new evaluation; None when the
     folder has no checkpoint, or (batch_dependent_only) its model has no batch-dependent norm."""
     folder = RunFolder(run_dir)
-    state = folder.load_checkpoint()
+    cfg = folder.read_config()
+    if cfg is None:
+        raise RecordsError(f"{folder.config_path} does not exist")
+    state = folder.load_checkpoint(run_key(cfg))  # refuses a checkpoint of another config
     if state is None:
         return None
-    cfg = yaml.safe_load(folder.config_path.read_text())
     cfg.update(device="cpu", threads=threads, progress=False, compile=False)
     trainer = Trainer(cfg, folder)
     if batch_dependent_only and not has_batch_statistics(trainer.model):
         return None
     trainer.restore(state)
-    recorded = read_metrics(run_dir)[-1]
+    recorded = folder.read_metrics()[-1]
     new = trainer.evaluate()
     row = {"run_dir": run_dir.as_posix(), "norm": cfg["norm"]["name"], "placement": cfg["placement"],
            "batch": cfg["batch"], "seed": cfg["seed"], "epoch": state["epoch"],
@@ -70,6 +72,14 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return evaluate_experiment(argv)
+    except RecordsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def evaluate_experiment(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment_dir", type=Path, help="folder holding the experiment's run folders")
     parser.add_argument("--out", type=Path, required=True, help="CSV to write (and a .md beside it)")

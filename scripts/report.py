@@ -14,6 +14,7 @@ from pathlib import Path
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from normbench.records import RecordsError  # noqa: E402
 from normbench.report import OPTIONAL_METRICS, write_report  # noqa: E402
 
 
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = args.out or Path("results") / args.experiment_dir.resolve().name
-    report = write_report(args.experiment_dir, out_dir, command=args.command, notes=args.notes,
-                          leave_out=args.leave_out, log_to_wandb=args.wandb)
+    try:
+        report = write_report(args.experiment_dir, out_dir, command=args.command,
+                              notes=args.notes, leave_out=args.leave_out, log_to_wandb=args.wandb)
+    except RecordsError as error:  # a damaged record: one line naming the file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"report: {report}")
     print(f"tables: {out_dir / 'runs.csv'}, {out_dir / 'summary.csv'}, {out_dir / 'curves.csv'}")
     print(f"figures: {out_dir / 'figures'}")

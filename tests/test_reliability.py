@@ -11,12 +11,17 @@ damage it the way a kill, a full disk or a second launch would, and relaunch in-
 from __future__ import annotations
 
 import builtins
-import logging
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY, compose_config, run_cli
 from normbench import records
-from normbench.config import ConfigError, run_name, validate_config
+from normbench.config import ConfigError, run_key, run_name, validate_config
 from normbench.records import RecordsError, RunFolder
 from normbench.train import run
 
@@ -46,7 +51,9 @@ def results(folder: Path) -> list[dict]:
 
 
 def contents(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file under ``folder`` (also .hydra/), by path relative to it."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def truncate(path: Path) -> None:
@@ -126,9 +133,10 @@ def test_no_readable_checkpoint_refuses_naming_the_files_and_keeps_the_records(f
     with pytest.raises(RecordsError, match="no readable checkpoint in the run folder") as error:
         run(compose_config(SMALL), folder)
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        assert str(folder / name) in str(error.value)
+        assert f"checkpoint {folder / name} is unreadable (RuntimeError: " in str(error.value)
         assert (folder / name).read_bytes() == before[name]
-    assert "Delete the run folder to start this run over" in str(error.value)
+    assert str(error.value).endswith("; delete the run folder to start this run over")
+    assert "\n" not in str(error.value)  # one line
     assert (folder / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
 
@@ -211,7 +219,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_says_so(folder, monkey
     real_save_checkpoint = RunFolder.save_checkpoint
     monkeypatch.setattr(records, "open", records_open, raising=False)
     monkeypatch.setattr(RunFolder, "save_checkpoint", save_checkpoint_on_a_full_disk)
-    with pytest.raises(RecordsError, match=r"cannot write .*No space left on device.*relaunch: "
+    with pytest.raises(RecordsError, match=r"cannot write .*: the disk is full \(\[Errno 28\] No "
+                                           r"space left on device\).*relaunch: "
                                            r"the run resumes from its checkpoint") as error:
         run(compose_config(SMALL), folder)
     assert str(folder) in str(error.value)
@@ -275,6 +284,321 @@ def test_folder_holding_another_config_is_refused_naming_the_keys(folder):
     assert after == before
 
 
+# ---- damaged records --------------------------------------------------------------------------
+DAMAGED_SUMMARIES = {
+    "a list": (b"[1, 2]\n", "it holds a list, not a JSON object with a status"),
+    "a string": (b'"completed"\n', "it holds a string, not a JSON object with a status"),
+    "binary": (bytes(range(256)), "it is not text (binary data at byte 128)"),
+    "no status": (b'{"final_error": 9.5}\n',
+                  "it has no status (expected one of completed, diverged, failed)"),
+}
+
+
+@pytest.mark.parametrize("content,problem", DAMAGED_SUMMARIES.values(), ids=DAMAGED_SUMMARIES)
+def test_damaged_summary_is_named_with_what_is_wrong_and_kept(folder, content, problem):
+    (folder / "summary.json").write_bytes(content)
+    before = contents(folder)
+    with pytest.raises(RecordsError, match=re.escape(f"{folder / 'summary.json'} is damaged: "
+                                                     f"{problem}; move it away")):
+        run(compose_config(SMALL), folder)
+    after = contents(folder)
+    del after["launches.jsonl"], before["launches.jsonl"]
+    assert after == before  # nothing trained, nothing overwritten
+
+
+DAMAGED_CONFIGS = {
+    "invalid YAML": (b"batch: [4, 8\nseed: 0\n", "it is not valid YAML at line 2 (expected ',' or ']', but got ':')"),
+    "not a mapping": (b"- batch\n- seed\n", "it holds a list, not a mapping of config keys"),
+}
+
+
+@pytest.mark.parametrize("content,problem", DAMAGED_CONFIGS.values(), ids=DAMAGED_CONFIGS)
+def test_damaged_config_is_named_with_what_is_wrong_and_kept(folder, content, problem):
+    (folder / "config.yaml").write_bytes(content)
+    before = contents(folder)
+    with pytest.raises(RecordsError, match=re.escape(f"{folder / 'config.yaml'} is damaged: "
+                                                     f"{problem}")):
+        run(compose_config(SMALL), folder)
+    after = contents(folder)
+    del after["launches.jsonl"], before["launches.jsonl"]
+    assert after == before
+
+
+@pytest.mark.parametrize("damaged,problem", [
+    ("summary.json", "is damaged: it holds a list, not a JSON object with a status"),
+    ("config.yaml", "is damaged: it holds a list, not a mapping of config keys")])
+def test_damaged_records_on_the_command_line_give_one_line_and_exit_2(folder, damaged, problem):
+    (folder / damaged).write_text("- 1\n- 2\n" if damaged == "config.yaml" else "[1, 2]\n")
+    result = run_cli(SMALL + [f"hydra.run.dir={folder}"], cwd=folder.parent, check=False)
+    assert result.returncode == 2
+    assert f"{folder / damaged} {problem}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((folder / "summary.json").read_text()) == [1, 2] or damaged != "summary.json"
+
+
+def without_entries(path: Path, *entries: str) -> None:
+    state = torch.load(path, weights_only=True)
+    for entry in entries:
+        del state[entry]
+    torch.save(state, path)
+
+
+def test_checkpoint_missing_entries_is_named_and_the_previous_one_is_used(folder, finished,
+                                                                          caplog):
+    (folder / "summary.json").unlink()
+    without_entries(folder / "checkpoint.pt", "optimizer", "step")
+    summary = run(compose_config(SMALL), folder)
+    assert (f"checkpoint {folder / 'checkpoint.pt'} is damaged: it lacks optimizer, step; trying "
+            f"the previous one") in caplog.text
+    assert summary["outcome"] == "resumed" and results(folder) == results(finished)
+
+
+def test_no_complete_checkpoint_refuses_in_one_line_naming_both(folder):
+    (folder / "summary.json").unlink()
+    without_entries(folder / "checkpoint.pt", "optimizer")
+    without_entries(folder / "checkpoint.prev.pt", "history")
+    before = contents(folder)
+    with pytest.raises(RecordsError) as error:
+        run(compose_config(SMALL), folder)
+    assert str(error.value) == (
+        f"no readable checkpoint in the run folder: checkpoint {folder / 'checkpoint.pt'} is "
+        f"damaged: it lacks optimizer; checkpoint {folder / 'checkpoint.prev.pt'} is damaged: it "
+        f"lacks history; delete the run folder to start this run over")
+    assert {k: v for k, v in contents(folder).items() if k != "launches.jsonl"} == {
+        k: v for k, v in before.items() if k != "launches.jsonl" and k != "summary.json"} | {
+        "summary.json": (folder / "summary.json").read_bytes()}  # a failure summary, nothing else
+    assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
+
+
+# ---- a checkpoint names its run ---------------------------------------------------------------
+@pytest.mark.parametrize("finished_before", [True, False], ids=["finished", "unfinished"])
+def test_deleted_config_does_not_let_another_config_take_the_checkpoint(folder, finished_before):
+    if not finished_before:
+        killed_during_epoch_2(folder)
+    (folder / "config.yaml").unlink()
+    before = contents(folder)
+    other = compose_config(SMALL + ["seed=1", "optim.lr_per_256=0.2"])
+    with pytest.raises(RecordsError, match=re.escape(
+            f"run folder {folder} holds a run with a different config (keys: optim.lr_per_256, "
+            f"seed)")):
+        run(other, folder)
+    after = contents(folder)
+    del after["launches.jsonl"], before["launches.jsonl"]
+    assert after == before
+    # the run's own config still resumes (or skips) there
+    assert run(compose_config(SMALL), folder)["outcome"] == ("skipped" if finished_before
+                                                            else "resumed")
+
+
+def test_checkpoint_of_another_config_is_refused_beside_this_config(folder):
+    killed_during_epoch_2(folder)
+    other = compose_config(SMALL + ["seed=1"])
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "run_key": run_key(other)}, folder / "checkpoint.pt")
+    with pytest.raises(RecordsError, match=re.escape(
+            f"checkpoint {folder / 'checkpoint.pt'} was saved by a run of another config (keys: "
+            f"seed)")):
+        run(compose_config(SMALL), folder)
+    assert checkpoint_epoch(folder / "checkpoint.pt") == 1  # kept
+
+
+def test_checkpoint_without_its_config_that_does_not_name_its_run_is_refused(folder):
+    killed_during_epoch_2(folder)
+    without_entries(folder / "checkpoint.pt", "run_key")  # saved before checkpoints named their run
+    (folder / "config.yaml").unlink()
+    with pytest.raises(RecordsError, match=re.escape(
+            f"run folder {folder} has a checkpoint but no config.yaml, and the checkpoint does "
+            f"not say which config trained it")):
+        run(compose_config(SMALL + ["seed=1"]), folder)
+
+
+def test_checkpoint_without_its_run_key_resumes_beside_its_config(folder, finished):
+    # checkpoints saved before they named their run still resume where config.yaml vouches
+    killed_during_epoch_2(folder)
+    without_entries(folder / "checkpoint.pt", "run_key")
+    summary = run(compose_config(SMALL), folder)
+    assert summary["outcome"] == "resumed" and results(folder) == results(finished)
+
+
+# ---- a real full disk -------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MB tmpfs: room for two checkpoints of SMALL's model (650 kB each), not three."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_real_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(small_disk,
+                                                                                  tmp_path):
+    folder = small_disk / "run"
+    result = run_cli(SMALL + ["epochs=4", f"hydra.run.dir={folder}"], cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert (f"cannot write {folder / 'checkpoint.pt'}: the disk is full ([Errno 28] No space left "
+            f"on device); the run stopped") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (folder / ".checkpoint.pt.tmp").exists()
+    assert checkpoint_epoch(folder / "checkpoint.pt") == 2  # the last one that fitted, intact
+    assert [m["epoch"] for m in metrics(folder)] == [1, 2]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the disk is full" in summary["error"]
+    # free space (here: move the folder to a bigger disk) and relaunch: it resumes
+    moved = Path(shutil.copytree(folder, tmp_path / "moved"))
+    resumed = run(compose_config(SMALL + ["epochs=4"]), moved)
+    assert resumed["outcome"] == "resumed" and resumed["epochs"] == 4
+
+
+def test_a_failure_summary_that_cannot_be_written_does_not_hide_the_error(folder, monkeypatch,
+                                                                         caplog):
+    killed_during_epoch_2(folder)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_space_for(path_attribute):
+        def write(self, *args):
+            raise records.write_error(getattr(self, path_attribute), full)
+        return write
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", no_space_for("checkpoint_path"))
+    monkeypatch.setattr(RunFolder, "write_summary", no_space_for("summary_path"))
+    with pytest.raises(RecordsError, match=re.escape(f"cannot write {folder / 'checkpoint.pt'}: "
+                                                     f"the disk is full")):
+        run(compose_config(SMALL), folder)
+    assert f"could not record the failure in {folder / 'summary.json'}" in caplog.text
+
+
+# ---- sweeps: every cell counted, only its own ------------------------------------------------
+def sweep_outcomes(output: str) -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.strip().startswith("trained "))
+    return {name: int(count) for name, count in re.findall(r"(\w+) (\d+)", line)}
+
+
+def test_sweep_counts_a_cell_refused_because_its_folder_is_in_use_and_writes_nothing_there(
+        tmp_path):
+    cells = [*SMALL, "epochs=1", f"out_root={tmp_path}"]
+    locked = tmp_path / "default" / run_name(compose_config(cells + ["seed=1"]))
+    holder = RunFolder(locked)
+    holder.open()  # another launch trains seed 1
+    try:
+        result = run_cli(["-m", *cells, "seed=0,1,2"], cwd=tmp_path)
+    finally:
+        holder.close()
+    assert "3 runs in this launch" in result.stdout
+    outcomes = sweep_outcomes(result.stdout)
+    assert (outcomes["trained"], outcomes["refused"]) == (2, 1)
+    assert (f"refused: {locked.name}: its run folder is in use by another process; nothing in "
+            f"it was changed") in result.stdout
+    assert sorted(p.name for p in locked.iterdir()) == [".lock"]  # no .hydra/, no run.log
+
+
+def test_refused_second_launch_rewrites_no_hydra_file_and_no_log(folder):
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text("- the first launch's overrides\n")
+    (folder / "run.log").write_text("the first launch's log\n")
+    killed_during_epoch_2(folder)
+    before = contents(folder)
+    holder = RunFolder(folder)
+    holder.open()
+    try:
+        result = run_cli(SMALL + [f"hydra.run.dir={folder}"], cwd=folder.parent, check=False)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert f"run folder {folder} is in use by another process (its .lock is held)" in result.stderr
+    assert contents(folder) == before
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def launch(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`python run.py ARGS` started in the background."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_sweeps_in_one_experiment_folder_count_only_their_own_runs(tmp_path):
+    cells = [*SMALL, f"out_root={tmp_path}"]
+    long_folder = tmp_path / "default" / run_name(compose_config(cells + ["epochs=15"]))
+    long = launch(["-m", *cells, "epochs=15"], tmp_path)
+    try:
+        wait_for(lambda: records.is_in_use(long_folder), 120, "the long sweep to start")
+        short = run_cli(["-m", *cells, "epochs=1", "seed=1"], cwd=tmp_path)
+        long_output, _ = long.communicate(timeout=300)
+    finally:
+        long.kill()
+    # the short sweep ran and finished while the long one trained: neither counts the other
+    assert "1 runs in this launch" in short.stdout and sweep_outcomes(short.stdout)["trained"] == 1
+    assert "1 runs in this launch" in long_output and sweep_outcomes(long_output)["trained"] == 1
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def test_killing_a_parallel_sweep_stops_its_workers_at_a_step(tmp_path):
+    cells = [*SMALL, "epochs=300", f"out_root={tmp_path}"]
+    folders = [tmp_path / "default" / run_name(compose_config(cells + [f"seed={seed}"]))
+               for seed in (0, 1)]
+    sweep = launch(["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "threads=1",
+                    *cells, "seed=0,1"], tmp_path)
+    workers = []
+    try:
+        wait_for(lambda: all((f / "metrics.jsonl").exists() for f in folders), 180,
+                 "both runs to finish an epoch")
+        workers = children_of(sweep.pid)
+        sweep.kill()  # kill -9 of the sweep's launcher
+        sweep.wait()
+        # each worker notices within a second, stops at its next step, records that
+        wait_for(lambda: not any(records.is_in_use(f) for f in folders), 60,
+                 "the workers to let go of their run folders")
+    finally:
+        sweep.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for folder in folders:
+        assert records.last_launch(folder)["outcome"] == "interrupted"
+        assert not (folder / "summary.json").exists()
+        assert checkpoint_epoch(folder / "checkpoint.pt") >= 1  # a relaunch resumes from it
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    process = launch([*SMALL, "epochs=300", f"hydra.run.dir={folder}"], tmp_path)
+    try:
+        wait_for(lambda: (folder / "metrics.jsonl").exists(), 120, "the first epoch")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    assert "stopped by SIGTERM; relaunch to resume from the last checkpoint" in stderr
+    assert "Traceback" not in stderr
+    assert records.last_launch(folder)["outcome"] == "interrupted"
+    assert not (folder / "summary.json").exists()
+    assert checkpoint_epoch(folder / "checkpoint.pt") >= 1
+
+
 # ---- data -------------------------------------------------------------------------------------
 def test_skipped_corrupt_images_are_counted_in_the_summary(tmp_path):
     root = tmp_path / "pets"
@@ -333,8 +657,9 @@ def test_checkpoint_with_a_pickled_object_is_refused_and_runs_no_code(tmp_path):
     folder = RunFolder(tmp_path / "run")
     folder.path.mkdir()
     torch.save({"model": Payload(marker), "epoch": 1}, folder.checkpoint_path)
-    with pytest.raises(RecordsError, match=re.escape(str(folder.checkpoint_path)) +
-                       r": UnpicklingError: Weights only load failed"):
+    with pytest.raises(RecordsError, match=re.escape(f"checkpoint {folder.checkpoint_path} is "
+                                                     f"unreadable (UnpicklingError: Weights only "
+                                                     f"load failed")):
         folder.load_checkpoint()
     assert not marker.exists()
     torch.load(folder.checkpoint_path, weights_only=False)  # the payload is real: loaded

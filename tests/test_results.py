@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from normbench import results
+from normbench.records import RecordsError
 
 # Median-of-last-5 test error per (norm, batch) and seed; "diverged" / "failed" mark those runs.
 GRID = {
@@ -273,7 +274,7 @@ def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
               metric_lines([50.0, 40.0], 8, None), None)
     text = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "metrics.jsonl").write_text("{broken\n" + text)
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(RecordsError, match="metrics.jsonl is damaged: line 1 is not valid JSON"):
         results.load_runs(tmp_path / "exp")
 
 

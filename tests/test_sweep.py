@@ -22,7 +22,8 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     first = run_cli(sweep, cwd=tmp_path)
     output = first.stdout + first.stderr
     assert outcome_counts(output) == {"trained": 3, "resumed": 0, "skipped": 0, "diverged": 0,
-                                      "failed": 1, "interrupted": 0}
+                                      "failed": 1, "interrupted": 0, "refused": 0,
+                                      "unreported": 0}
     assert re.search(r"failed: bn_b1x4_\S+: ConfigError: batch=1 is not allowed with norm=bn",
                      output)
     experiment = tmp_path / "runs" / "sweeptest"
