@@ -116,7 +116,8 @@ def test_truncated_checkpoint_is_named_and_the_previous_one_is_used(folder, fini
     (folder / "summary.json").unlink()
     truncate(folder / "checkpoint.pt")
     summary = run(compose_config(SMALL), folder)
-    assert f"checkpoint {folder / 'checkpoint.pt'} is unreadable" in caplog.text
+    assert (f"checkpoint {folder / 'checkpoint.pt'} is unreadable (RuntimeError: "
+            f"PytorchStreamReader failed reading zip archive: ") in caplog.text
     assert "resuming after epoch 1" in caplog.text
     assert summary["status"] == "completed" and results(folder) == results(finished)
     # the unreadable file is set aside, never rotated over the good previous checkpoint
@@ -701,3 +702,76 @@ def test_wandb_api_key_is_never_written_to_disk(tmp_path):
     assert (folder / "run.log").exists() and (folder / ".hydra" / "config.yaml").exists()
     assert list(folder.glob("wandb/offline-run-*/*.wandb")), "no offline W&B run was written"
     assert [p for p in written if key.encode() in p.read_bytes()] == []
+
+
+# ---- the report on damaged records ------------------------------------------------------------
+def test_report_on_damaged_records_exits_2_naming_the_file(folder, tmp_path):
+    (folder / "summary.json").write_text("[1, 2]\n")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path),
+                             "--out", str(tmp_path / "report")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {folder / 'summary.json'} is damaged: it holds a list, not a JSON object with a "
+        f"status; move it away to let the run resume from its checkpoint")
+    assert not (tmp_path / "report").exists()
+
+
+# ---- docs/reliability.md ----------------------------------------------------------------------
+TABLE_HEADER = "| fault or input | message | exit code | what is kept | test |"
+PLACEHOLDER = re.compile(r"<[^>]+>\S*|\[\.\.\.\]")  # <run>/summary.json: a path, not words
+WINDOW = 4  # words: a quoted message matches the code where most of its 4-word runs do
+
+
+def table_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = lines.index(TABLE_HEADER) + 2  # after the header and its --- line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        rows.append(cells)
+    return rows
+
+
+def string_constants(path: Path) -> list[str]:
+    """Every string a Python file spells, f-strings cut at their {fields}, whitespace folded."""
+    import ast
+
+    pieces = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            pieces.append(node.value)
+    return [" ".join(piece.split()) for piece in pieces]
+
+
+def test_reliability_table_names_real_tests_and_real_messages():
+    rows = table_rows((ROOT / "docs" / "reliability.md").read_text())
+    assert rows and all(len(row) == 5 for row in rows), [r for r in rows if len(r) != 5]
+    sources = [ROOT / "run.py", *(ROOT / "normbench").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
+    code = "\n".join(c for path in sources for c in string_constants(path))
+    listed, problems = set(), []
+    for case, message, _, _, tests in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", tests)
+        if not named:
+            problems.append(f"{case}: no test named")
+        spelled = code
+        for file, function in named:
+            path = ROOT / "tests" / file
+            if not path.exists() or not re.search(rf"^def {function}\(", path.read_text(), re.M):
+                problems.append(f"{case}: {file}::{function} does not exist")
+                continue
+            listed.add((file, function))
+            spelled += "\n" + "\n".join(string_constants(path))
+        for quoted in re.findall(r"`([^`]+)`", message):
+            for piece in PLACEHOLDER.split(quoted):
+                words = piece.split()
+                windows = [" ".join(words[i:i + WINDOW]) for i in range(len(words) - WINDOW + 1)]
+                found = sum(window in spelled for window in windows)
+                if windows and found * 2 < len(windows):
+                    problems.append(f"{case}: message {piece!r} is not in the code nor its tests")
+    assert problems == [], "\n".join(problems)
+    own = {("test_reliability.py", name) for name in re.findall(
+        r"^def (test_\w+)\(", (ROOT / "tests" / "test_reliability.py").read_text(), re.M)}
+    assert sorted(own - listed) == []  # every case tried here is in the table
