@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,11 +165,10 @@ def test_unreadable_summary_is_named_and_nothing_is_retrained(folder):
 
 
 def test_a_launch_record_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path):
-    from normbench.hydra_callbacks import last_launch
-
     (tmp_path / "launches.jsonl").write_text('{"started": 1.0, "outcome": "trai')
     RunFolder(tmp_path).record_launch("resumed", 2.0)
-    assert last_launch(tmp_path) == {"started": 2.0, "outcome": "resumed"}
+    assert records.read_launches(tmp_path) == [
+        {"started": 2.0, "outcome": "resumed", "host": socket.gethostname(), "pid": os.getpid()}]
 
 
 # ---- divergence -------------------------------------------------------------------------------
