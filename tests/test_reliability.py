@@ -585,7 +585,7 @@ def test_killing_a_parallel_sweep_stops_its_workers_at_a_step(tmp_path):
         launches = records.read_launches(folder)
         assert launches and launches[-1]["outcome"] == "interrupted", (launches, folder)
         assert not (folder / "summary.json").exists()
-        assert checkpoint_epoch(folder / "checkpoint.pt") >= 1  # a relaunch resumes from it
+        assert RunFolder(folder).load_checkpoint()["epoch"] >= 1  # a relaunch resumes from it
 
 
 def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_checkpoint(tmp_path):
@@ -602,7 +602,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_checkpoint(tmp_path):
     assert "Traceback" not in stderr
     assert records.last_launch(folder)["outcome"] == "interrupted"
     assert not (folder / "summary.json").exists()
-    assert checkpoint_epoch(folder / "checkpoint.pt") >= 1
+    assert RunFolder(folder).load_checkpoint()["epoch"] >= 1  # (stopped mid-save: the previous)
 
 
 # ---- data -------------------------------------------------------------------------------------
