@@ -264,12 +264,6 @@ def last_written(folder: str | os.PathLike) -> float | None:
     return max(times) if times else None
 
 
-def status_of(folder: str | os.PathLike) -> str:
-    """The run's status word: its summary's, or incomplete while it has none."""
-    summary = read_summary(folder)
-    return INCOMPLETE if summary is None else summary["status"]
-
-
 def _is_inside_hidden_or_wandb(path: Path, root: Path) -> bool:
     """True under .hydra/ and the like, or wandb/: their config.yaml files are not runs."""
     return any(part.startswith(".") or part == "wandb" for part in path.relative_to(root).parts)
@@ -488,9 +482,6 @@ class RunFolder:
         return read_launches(self.path)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def has_checkpoint(self) -> bool:
-        return self.checkpoint_path.exists() or self.previous_checkpoint_path.exists()
-
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
         """Write checkpoint.pt; the one it replaces becomes checkpoint.prev.pt, except one that
         :meth:`load_checkpoint` found unreadable: that is kept as checkpoint.pt.corrupt, so it
