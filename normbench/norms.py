@@ -21,12 +21,14 @@ it lives here because it belongs to the same zoo.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -235,13 +237,123 @@ class ChunkBatchNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+# The per-worker BN's implementations. All compute the same thing (each chunk of ``chunk``
+# images normalized by its own biased variance; per-chunk means and unbiased variances for the
+# running statistics) and differ in speed only:
+#
+# - ``per_worker``: the library's batch-norm kernel once per worker, on views of the chunks,
+#   outputs joined by one copy (``torch.cat``). Its per-chunk statistics land in rows of a
+#   (W, C) table through the kernel's running-statistics arguments at momentum 1.
+# - ``folded``: one call of the kernel on the batch with the worker axis folded into the
+#   channels, (W * B, C, H, W) -> (B, W * C, H, W); a copy in and a copy out.
+# - ``hand_written``: :class:`ChunkBatchNorm`, every chunk in one pass of reductions and
+#   elementwise ops with a hand-written backward (the implementation before the library
+#   kernel; kept for comparison in ``make bench`` and the tests).
+#
+# Measured (``make bench`` item 2, results/bench: a ResNet-20 step at batch 2 x 8 and 32 x 8,
+# one thread): on the CPU ``per_worker`` is the fastest or level with the fastest in fp32 and
+# bf16, NCHW and channels_last. ``hand_written`` falls behind in bf16 (it makes fp32 copies of
+# the whole input, where the kernel reads bf16 and accumulates in fp32), and ``folded``'s
+# copies cost several times the kernel in channels_last. On CUDA ``folded``: one kernel
+# instead of W launches per layer, where launches dominate small batches; not measured yet
+# (``make gpu-check`` times the three against each other, item 6).
+CHUNKED_BN_VARIANTS = ("per_worker", "folded", "hand_written")
+# {device type: {layout of the input: variant}}; devices not named here use the CPU's
+CHUNKED_BN_DEFAULT = {"cpu": {"nchw": "per_worker", "channels_last": "per_worker"},
+                      "cuda": {"nchw": "folded", "channels_last": "folded"}}
+_chunked_bn_choice: str | None = None  # set by use_chunked_bn; None: the device's default
+
+
+@contextlib.contextmanager
+def use_chunked_bn(variant: str | None) -> Iterator[None]:
+    """Within the block, per-worker BN (:class:`VirtualBatchNorm2d` with several chunks) uses
+    ``variant`` (one of :data:`CHUNKED_BN_VARIANTS`; None: the device's default). For the
+    benchmark and the tests: the variants differ in speed, not in what they compute."""
+    global _chunked_bn_choice
+    if variant is not None and variant not in CHUNKED_BN_VARIANTS:
+        raise NormConfigError(f"chunked BN variant {variant!r} is unknown; choose one of: "
+                              f"{', '.join(CHUNKED_BN_VARIANTS)}")
+    previous, _chunked_bn_choice = _chunked_bn_choice, variant
+    try:
+        yield
+    finally:
+        _chunked_bn_choice = previous
+
+
+def chunked_bn_variant(x: torch.Tensor) -> str:
+    """The per-worker BN implementation used now for an input like ``x`` (its device and
+    memory format)."""
+    if _chunked_bn_choice is not None:
+        return _chunked_bn_choice
+    defaults = CHUNKED_BN_DEFAULT.get(x.device.type, CHUNKED_BN_DEFAULT["cpu"])
+    return defaults["channels_last" if _is_channels_last(x) else "nchw"]
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _statistics_table(workers: int, channels: int, like: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (W, C) tables for the kernel to write each chunk's mean and unbiased variance
+    into (as its running statistics at momentum 1, which replaces what they held)."""
+    return (torch.zeros(workers, channels, dtype=dtype, device=like.device),
+            torch.ones(workers, channels, dtype=dtype, device=like.device))
+
+
+def per_worker_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, chunk: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BN of each chunk of ``chunk`` images of ``x`` by the library kernel, one
+    call per chunk. Returns the output (memory format of ``x``) and (W, C) tables of the
+    chunks' means and unbiased variances (no gradient)."""
+    parts = x.split(chunk)  # views; contiguous in NCHW and channels_last (N is outermost)
+    mean, var = _statistics_table(len(parts), x.shape[1], x, weight.dtype)
+    outs = [F.batch_norm(part, mean[w], var[w], weight, bias, True, 1.0, eps)
+            for w, part in enumerate(parts)]
+    return torch.cat(outs), mean, var
+
+
+def folded_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`per_worker_batch_norm`, by one call of the library kernel: the W chunks of
+    (B, C, H, W) become one batch (B, W * C, H, W) whose channel w * C + c is channel c of
+    chunk w."""
+    n, channels, height, width = x.shape
+    workers = n // chunk
+    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    folded = (x.view(workers, chunk, channels, height, width).transpose(0, 1)
+              .reshape(chunk, workers * channels, height, width)
+              .contiguous(memory_format=memory_format))
+    mean, var = _statistics_table(workers, channels, x, weight.dtype)
+    out = F.batch_norm(folded, mean.view(-1), var.view(-1), weight.repeat(workers),
+                       bias.repeat(workers), True, 1.0, eps)
+    out = (out.view(chunk, workers, channels, height, width).transpose(0, 1)
+           .reshape(n, channels, height, width).contiguous(memory_format=memory_format))
+    return out, mean, var
+
+
+def hand_written_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, chunk: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`per_worker_batch_norm`, by :class:`ChunkBatchNorm`."""
+    out, mean, var = ChunkBatchNorm.apply(x, weight, bias, eps, chunk)
+    values = x[:chunk].numel() // x.shape[1]  # per chunk and channel: B * H * W
+    return out, mean, var * (values / (values - 1))
+
+
+_CHUNKED_BN = {"per_worker": per_worker_batch_norm, "folded": folded_batch_norm,
+               "hand_written": hand_written_batch_norm}
+
+
 class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
     """BatchNorm whose training statistics are taken per chunk of ``virtual_batch`` images.
 
     With ``virtual_batch=None`` (or a batch of exactly that size) this is ``nn.BatchNorm2d``.
-    With a batch of ``W * virtual_batch`` images it computes, in one vectorized pass, what ``W``
-    data-parallel workers with unsynchronized BN compute: chunk ``w`` is normalized by its own
-    mean and variance.
+    With a batch of ``W * virtual_batch`` images it computes what ``W`` data-parallel workers
+    with unsynchronized BN compute: chunk ``w`` is normalized by its own mean and variance. How
+    (the library's kernel once per worker, once with the workers folded into the channels, or
+    hand-written passes) is chosen per device and layout: :data:`CHUNKED_BN_DEFAULT`.
 
     Running statistics: each chunk's moments are averaged over the ``W`` chunks and then folded
     into the moving average, i.e. ``running_mean <- (1 - m) * running_mean + m * mean_w(mu_w)``
@@ -267,9 +379,9 @@ class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
 
     def _chunked_forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)  # checks the shape
-        y, mean, var = ChunkBatchNorm.apply(x, self.weight, self.bias, self.eps, chunks.shape[1])
-        values = chunks.shape[1] * chunks.shape[3] * chunks.shape[4]
-        self._absorb({"running_mean": mean, "running_var": var * (values / (values - 1))})
+        batch_norm = _CHUNKED_BN[chunked_bn_variant(x)]
+        y, mean, var = batch_norm(x, self.weight, self.bias, self.eps, chunks.shape[1])
+        self._absorb({"running_mean": mean, "running_var": var})
         return y
 
     def _count_step(self) -> None:
@@ -797,9 +909,11 @@ def build_activation(name: str) -> nn.Module:
                               f"{', '.join(ACTIVATIONS)}") from None
 
 
-__all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "NORMS", "STATS_MODES", "WS_EPS", "AllReduceSum",
-           "BatchRenorm2d", "BatchStatistics", "ChunkBatchNorm", "EvoNormB0", "EvoNormS0",
-           "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum",
-           "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm",
-           "chunk_moments", "distributed_world", "groups_for", "moments", "norm_layers",
-           "norm_options", "norm_spec", "worker_chunks"]
+__all__ = ["ACTIVATIONS", "CHUNKED_BN_DEFAULT", "CHUNKED_BN_VARIANTS", "EPS", "FRN_EPS", "NORMS",
+           "STATS_MODES", "WS_EPS", "AllReduceSum", "BatchRenorm2d", "BatchStatistics",
+           "ChunkBatchNorm", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d", "GroupNorm2d",
+           "NormConfigError", "NormSpec", "StatisticsSum", "SyncBatchNorm2d", "VirtualBatchNorm2d",
+           "WSConv2d", "build_activation", "build_norm", "chunk_moments", "chunked_bn_variant",
+           "distributed_world", "folded_batch_norm", "groups_for", "hand_written_batch_norm",
+           "moments", "norm_layers", "norm_options", "norm_spec", "per_worker_batch_norm",
+           "use_chunked_bn", "worker_chunks"]

@@ -63,3 +63,20 @@ def shared_cifar() -> Path:
         pytest.skip(f"real CIFAR-10 archive not found at {SHARED_CIFAR} (only on the project's "
                     f"machines, beside the checkout in ../shared)")
     return SHARED_CIFAR
+
+
+# ---- CUDA tests: `@pytest.mark.cuda`, skipped where torch sees no CUDA device (make gpu-check) --
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); run "
+                                       "them with `make gpu-check`")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
