@@ -160,7 +160,8 @@ class Trainer:
         # channels_last (NHWC) where it is faster for this norm and device; the inputs are put
         # in the same format in every step (a conv fed NCHW would transpose them itself).
         self.memory_format = (torch.channels_last if use_channels_last(
-            cfg["channels_last"], cfg["norm"]["name"], self.device) else torch.contiguous_format)
+            cfg["channels_last"], cfg["norm"]["name"], self.device, self.amp_dtype)
+            else torch.contiguous_format)
         self.model.to(memory_format=self.memory_format)
         # What a training step calls: DDP around the model with several processes. The plain
         # model is evaluated and checkpointed (no "module." prefix: checkpoints do not depend
