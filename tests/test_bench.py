@@ -74,11 +74,16 @@ def test_bench_quick_mode_writes_its_report(tmp_path):
     # the default path against today's, for each model, norm and batch of the issue
     today = report["items"]["default_vs_today"]["rows"]
     assert len(today) == 4 and all("default (" in row["what"] for row in today)
+    # bf16 against fp32: per-seed errors of both, on a CPU with bf16 units
+    if report["hardware"]["cpu_bf16"]:
+        for row in report["items"]["bf16_results"]["rows"]:
+            assert len(row["details"]["fp32_errors"]) == len(row["details"]["bf16_errors"]) == 2
     norms = {row["what"].split(": ")[1] for row in report["items"]["norms"]["rows"]}
     assert norms == {f"{name} / bn" for name in NORMS}
     for item in report["items"].values():
         for row in item["rows"]:
-            assert row["ratio"]["median"] > 0
+            if row["unit"] != "points":  # item 10: a difference of errors, of either sign
+                assert row["ratio"]["median"] > 0
             assert row["passed"] is None if row["target"] is None else row["passed"] in (True,
                                                                                         False)
     assert "were not measured" in (tmp_path / "bench.md").read_text()
