@@ -212,3 +212,26 @@ def test_compile_with_inductor_trains_like_eager(norm):
     reference = trained(norm)
     fast = trained(norm + ["compile=true"])
     assert_same_training(reference, fast)
+
+
+# ---- on CUDA (make gpu-check) ------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", [["norm=bn"], ["norm=gn", "norm.groups=4"]])
+def test_cuda_default_path_trains_like_fp32_nchw(norm):
+    # precision=auto is bf16 on CUDA, channels_last=auto NHWC for bn and NCHW for gn, the
+    # per-worker BN the CUDA default: a few steps follow the fp32 NCHW ones to bf16 rounding
+    cuda = [o.replace("device=cpu", "device=cuda") for o in STEPS if o != "precision=fp32"]
+    torch.manual_seed(0)
+    fast = Trainer(compose_config(cuda + norm + ["precision=auto"]), folder=None)
+    assert fast.amp_dtype == torch.bfloat16
+    assert (fast.memory_format == torch.channels_last) == (norm == ["norm=bn"])
+    torch.manual_seed(0)
+    reference = Trainer(compose_config(cuda + norm + ["precision=fp32", "channels_last=false"]),
+                        folder=None)
+    fast_metrics, reference_metrics = fast.train_epoch(), reference.train_epoch()
+    assert fast_metrics["train_loss"] == pytest.approx(reference_metrics["train_loss"], rel=0.05)
+    for (name, a), b in zip(reference.model.state_dict().items(),
+                            fast.model.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b.float().contiguous(), a.float().contiguous(),
+                                       rtol=0.05, atol=0.05, msg=lambda m, n=name: f"{n}: {m}")
