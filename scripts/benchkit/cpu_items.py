@@ -167,41 +167,51 @@ OP_CLASSES = (
 
 def where_the_time_goes(ctx: Context, row: Row) -> list[str]:
     """Why an epoch of 8 virtual workers is not 3x faster than 8x more steps of 2: the fixed
-    cost per step and the cost per image from the two step times, and a profile of one step of
-    each kind by op class (self CPU time per image)."""
+    cost per step and the cost per image from the two step times, and the same split per op
+    class from a profile of one step of each kind."""
     t2, t16 = row.details["separate_ms_per_step"], row.details["virtual_ms_per_step"]
-    per_image = (t16 - t2) / 14  # t(n) = fixed + n * per_image, through (2, t2) and (16, t16)
-    fixed = t2 - 2 * per_image
+    fixed, per_image = _line_through(t2, t16)
     notes = [
         f"Where the time goes ({ctx.model}): a step of 2 images takes {t2:.1f} ms, a step of 16 "
         f"takes {t16:.1f} ms. As a line through these two points a step costs {fixed:.1f} ms "
-        f"however many images it has, plus {per_image:.2f} ms per image. Merging 8 steps of 2 "
-        f"into one of 16 saves 7 of the fixed costs only: the speed-up is "
-        f"8 (fixed + 2 b) / (fixed + 16 b) with b the per-image cost, {8 * t2 / t16:.2f} here; "
-        f"3x needs a fixed cost of at least 6.4x the per-image cost ({6.4 * per_image:.1f} ms "
-        f"here, against {fixed:.1f} ms). On a CPU the per-image compute does not shrink with "
-        f"the batch (no idle units for a larger batch to fill, unlike a GPU): a model that "
-        f"does more per image is further from 3x."]
-    profile = {size: _profile_step(ctx, size) for size in (2, 16)}
-    classes = [name for name, _ in OP_CLASSES] + ["other"]
-    table = "; ".join(
-        f"{name} {profile[2][name] / 2:.2f} / {profile[16][name] / 16:.2f}" for name in classes)
-    notes.append(f"Profile of one step (torch.profiler, self CPU time, ms per image, step of "
-                 f"2 / step of 16): {table}. Total per image {sum(profile[2].values()) / 2:.2f} "
-                 f"/ {sum(profile[16].values()) / 16:.2f} ms (the profiler adds its own cost "
-                 f"per op). What scales with the images (convolutions above all) costs about "
-                 f"the same per image in both; what the step of 16 saves is the per-op and "
-                 f"per-step costs.")
+        f"however many images it has, plus {per_image:.2f} ms per image. One step of 16 instead "
+        f"of 8 steps of 2 saves 7 of the fixed costs only: the speed-up is 8 (f + 2 b) / "
+        f"(f + 16 b), {8 * t2 / t16:.2f} here, and reaches 3x only when the fixed cost f is at "
+        f"least 6.4x the per-image cost b ({6.4 * per_image:.1f} ms here, against "
+        f"{fixed:.1f} ms)."]
+    profile = {size: profile_step(ctx, size) for size in (2, 16)}
+    split = []
+    for name in profile[2]:
+        f, b = _line_through(profile[2][name], profile[16][name])
+        split.append((b, f"{name} {f:.1f} + {b:.2f}/image"))
+    split.sort(reverse=True)
+    notes.append(f"The same split per op class, from a profile of one step of 2 and one of 16 "
+                 f"(torch.profiler, self CPU time, ms per step = fixed + per image; the profiler "
+                 f"adds its own cost per op), largest per-image cost first: "
+                 f"{'; '.join(text for _, text in split)}. The per-image terms are what one "
+                 f"step of 16 cannot save; on a CPU they stay when the batch grows, where a "
+                 f"GPU's idle units would absorb them.")
     return notes
 
 
-def _profile_step(ctx: Context, images: int) -> dict[str, float]:
+def _line_through(t2: float, t16: float) -> tuple[float, float]:
+    """(fixed, per image) of t(n) = fixed + n * per_image through (2, t2) and (16, t16)."""
+    per_image = (t16 - t2) / 14
+    return t2 - 2 * per_image, per_image
+
+
+def profile_step(ctx: Context, images: int, *, norm: str = "bn", model: str | None = None,
+                 image_size: int | None = None, variant: Variant | None = None
+                 ) -> dict[str, float]:
     """Milliseconds of self CPU time per op class in one training step of ``images`` images
-    (8 virtual workers of 2 for 16; plain for 2), averaged over a few steps."""
+    (virtual workers of 2 when there are more than 2), averaged over a few steps."""
     from torch.profiler import ProfilerActivity, profile
 
+    variant = variant or ctx.variant
     batch = 2 if images > 2 else None
-    loop = MinimalLoop(ctx, bench_model(ctx, "bn", batch), random_batches(ctx, 1, images))
+    loop = MinimalLoop(ctx, bench_model(ctx, norm, batch, model=model, image_size=image_size,
+                                        variant=variant),
+                       random_batches(ctx, 1, images, image_size=image_size), variant=variant)
     loop()  # warm-up
     steps = 4
     with profile(activities=[ProfilerActivity.CPU]) as prof:
