@@ -29,7 +29,7 @@ from normbench.evaluation import batches_of_whole_chunks, evaluate, evaluate_epo
 from normbench.models import ConvNormAct, build_model
 from normbench.norms import (NORMS, BatchRenorm2d, BatchStatistics, EvoNormB0, EvoNormS0,
                              FilterResponseNorm2d, NormConfigError, SyncBatchNorm2d, WSConv2d,
-                             build_norm, norm_options, norm_spec)
+                             build_norm, merge_moments, norm_options, norm_spec)
 from normbench.train import Trainer
 
 CONF = Path(__file__).parents[1] / "conf" / "norm"
@@ -258,6 +258,34 @@ def test_syncbn_on_one_process_is_bn_over_the_whole_batch_ignoring_virtual_batch
     torch.testing.assert_close(ours, ref)
     assert_all_close(grads, ref_grads)
     torch.testing.assert_close(sync.running_var, bn.running_var)
+
+
+def part_moments(parts):
+    """(counts, means, M2s) of each part's channels over (N, H, W), two-pass."""
+    counts = torch.tensor([p.numel() // p.shape[1] for p in parts], dtype=parts[0].dtype)
+    means = torch.stack([p.mean(dim=(0, 2, 3)) for p in parts])
+    m2s = torch.stack([((p - m.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+                       for p, m in zip(parts, means)])
+    return counts, means, m2s
+
+
+def test_merged_moments_are_the_whole_batchs_in_float64_and_stay_exact_far_from_zero():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, 2, 2, generator=generator, dtype=F64) * 2 + 600  # |mean| / std 300
+    parts = list(x.split([1, 4, 5]))  # unequal parts: each must weigh by its count
+    n, mean, m2 = merge_moments(*part_moments(parts))
+    assert n.item() == 40
+    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)), rtol=1e-15, atol=0)
+    torch.testing.assert_close(m2, biased_var(x) * 40, rtol=1e-12, atol=0)
+
+    # float32: the merge keeps the variance to float32 rounding, where the sums of x and x^2
+    # (the former SyncBN) lose it
+    n32, _, m2_32 = merge_moments(*part_moments([p.float() for p in parts]))
+    merged_error = ((m2_32.double() / 40 - biased_var(x)) / biased_var(x)).abs().max().item()
+    x32 = x.float()
+    sums_var = (x32 * x32).mean(dim=(0, 2, 3)) - x32.mean(dim=(0, 2, 3)) ** 2
+    sums_error = ((sums_var.double() - biased_var(x)) / biased_var(x)).abs().max().item()
+    assert merged_error < 1e-4 < 1e-2 < sums_error, (merged_error, sums_error)
 
 
 SYNC_BATCH, SYNC_SHAPE = 3, (4, 3, 3)
