@@ -35,6 +35,12 @@ FRN_EPS = 1e-6  # Singh & Krishnan 2019, the paper's listing of the FRN layer
 WS_EPS = 1e-5  # Qiao et al. 2019, the constant of the authors' code
 
 
+# The fewest values a norm's statistic may cover in training: over one value the variance is 0
+# (or FRN's x / sqrt(x^2 + eps) is sign(x)), so the layer outputs a constant and passes no
+# gradient. A layer that can (FRN with a learned eps) says so in `min_values_per_statistic`.
+MIN_VALUES_PER_STATISTIC = 2
+
+
 class NormConfigError(ValueError):
     """A norm was asked for with a name or options it does not accept."""
 
@@ -122,6 +128,9 @@ class BatchStatistics:
     - ``collect``: add them to ``collected`` (a :class:`StatisticsSum`) for Precise BN.
 
     Eval mode always uses the running buffers. :mod:`normbench.bn_eval` switches the modes.
+
+    ``layer_name`` is the layer's name in its model (set by :func:`name_batch_statistics_layers`),
+    for errors that must say which layer.
     """
 
     running_stat_names: tuple[str, ...] = ()
@@ -131,6 +140,23 @@ class BatchStatistics:
         self.virtual_batch = virtual_batch
         self.stats_mode = "update"
         self.collected: StatisticsSum | None = None
+        self.layer_name: str | None = None
+
+    def _refuse_single_values(self, x: torch.Tensor, chunk: int) -> None:
+        """Raise :class:`NormConfigError` when a training-mode forward would take a statistic
+        over one value: chunks of ``chunk`` images on a 1x1 map. The batch variance of one value
+        is 0, so BN's output would be beta whatever the input (and the unbiased running
+        variance would divide by zero)."""
+        channels, height, width = x.shape[1:]
+        if chunk * height * width > 1:
+            return
+        where = f" at layer {self.layer_name}" if self.layer_name else ""
+        raise NormConfigError(
+            f"{type(self).__name__}{where} would normalize a single value per channel in "
+            f"training: batch={chunk} image per worker on a {height}x{width} map (input "
+            f"{channels}x{height}x{width}: the images are too small for this model's stem); "
+            f"choose batch >= 2 images per worker, larger images or a stem that keeps larger "
+            f"maps (stem='cifar' for 32x32 images), or a batch-independent norm such as gn")
 
     def _absorb(self, stats: dict[str, torch.Tensor]) -> None:
         """Handle this step's statistics: ``{buffer name: (W, C) per-chunk values}``."""
@@ -260,6 +286,8 @@ class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
         return batch * height * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._refuse_single_values(x, self.virtual_batch or x.shape[0])
         plain_step = self.stats_mode == "update" and self.virtual_batch in (None, x.shape[0])
         if not self.training or plain_step:
             return super().forward(x)  # torch's kernel: eval mode, or one worker per process
@@ -370,6 +398,14 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
                 f"r_max_reached_at={self.r_max_reached_at}, "
                 f"d_max_reached_at={self.d_max_reached_at}, virtual_batch={self.virtual_batch}")
+
+
+def name_batch_statistics_layers(model: nn.Module) -> None:
+    """Give each batch-dependent layer of ``model`` its qualified name (``layer_name``), so that
+    its errors in training say which layer (e.g. a single value per statistic)."""
+    for name, m in model.named_modules():
+        if isinstance(m, BatchStatistics):
+            m.layer_name = name
 
 
 # ---- synchronized BN -------------------------------------------------------------------------
@@ -486,9 +522,12 @@ class FilterResponseNorm2d(nn.Module):
 
     No mean is subtracted; TLU's learned threshold makes up for it. ``apply_act=False`` (a unit
     with no activation, e.g. the last of a residual branch) leaves out the TLU: ``z = y``.
-    ``learnable_eps`` is the paper's remedy for 1x1 maps, where ``x_hat`` collapses to sign(x):
+    ``learnable_eps`` is the paper's remedy for 1x1 maps (section 3.3), where ``nu2 = x^2`` and
+    with a tiny eps ``x_hat`` collapses to sign(x), which passes no gradient: the eps becomes
     ``eps + |eps_learned|``, with ``eps_learned`` starting at 1e-4 (it must start away from 0,
-    where |.| has no gradient).
+    where |.| has no gradient), and ``x_hat = x / sqrt(x^2 + eps)`` is a smooth function the
+    network can tune. So a layer with a learned eps may normalize a single value per statistic
+    (``min_values_per_statistic = 1``); one without may not (2, like every norm).
     """
 
     def __init__(self, num_features: int, *, eps: float = FRN_EPS, learnable_eps: bool = False,
@@ -499,6 +538,7 @@ class FilterResponseNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.tau = nn.Parameter(torch.zeros(num_features)) if apply_act else None
         self.eps_learned = nn.Parameter(torch.tensor(1e-4)) if learnable_eps else None
+        self.min_values_per_statistic = 1 if learnable_eps else MIN_VALUES_PER_STATISTIC
 
     def values_per_statistic(self, batch: int, channels: int, height: int, width: int) -> int:
         return height * width
@@ -796,6 +836,13 @@ def build_norm(name: str, num_channels: int, *, virtual_batch: int | None = None
     return spec.build(num_channels, **options)
 
 
+def min_values_per_statistic(layer: nn.Module) -> int:
+    """The fewest values ``layer`` (a norm layer) can take a statistic over in training:
+    :data:`MIN_VALUES_PER_STATISTIC`, or 1 for a layer that says it can (FRN with a learned
+    eps, the case that option exists for)."""
+    return getattr(layer, "min_values_per_statistic", MIN_VALUES_PER_STATISTIC)
+
+
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every norm layer in ``model`` (those that define
     ``values_per_statistic``; it returns None for a layer without statistics)."""
@@ -824,9 +871,10 @@ def build_activation(name: str) -> nn.Module:
                               f"{', '.join(ACTIVATIONS)}") from None
 
 
-__all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "NORMS", "STATS_MODES", "WS_EPS", "AllGather",
-           "BatchRenorm2d", "BatchStatistics", "ChunkBatchNorm", "EvoNormB0", "EvoNormS0",
-           "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum",
-           "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm",
-           "chunk_moments", "distributed_world", "groups_for", "merge_moments", "moments",
+__all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "MIN_VALUES_PER_STATISTIC", "NORMS", "STATS_MODES",
+           "WS_EPS", "AllGather", "BatchRenorm2d", "BatchStatistics", "ChunkBatchNorm",
+           "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError",
+           "NormSpec", "StatisticsSum", "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d",
+           "build_activation", "build_norm", "chunk_moments", "distributed_world", "groups_for",
+           "merge_moments", "min_values_per_statistic", "moments", "name_batch_statistics_layers",
            "norm_layers", "norm_options", "norm_spec", "worker_chunks"]

@@ -26,7 +26,7 @@ from normbench.bn_eval import (PRECISE_BN_EPOCH_OFFSET, batch_statistics, dedica
                                statistics_batch)
 from normbench.config import ConfigError, validate_config
 from normbench.evaluation import batches_of_whole_chunks, evaluate, evaluate_epoch
-from normbench.models import ConvNormAct, build_model
+from normbench.models import ConvNormAct, build_model, norm_input_shapes
 from normbench.norms import (NORMS, BatchRenorm2d, BatchStatistics, EvoNormB0, EvoNormS0,
                              FilterResponseNorm2d, NormConfigError, SyncBatchNorm2d, WSConv2d,
                              build_norm, merge_moments, norm_options, norm_spec)
@@ -361,6 +361,88 @@ def test_frn_without_activation_has_no_tlu_and_learnable_eps_adds_a_learned_part
     torch.testing.assert_close(learned(x), expected)
     learned(x).sum().backward()
     assert learned.eps_learned.grad is not None and learned.eps_learned.grad != 0
+
+
+# FRN's learned eps exists for 1x1 maps (Singh & Krishnan 2019, section 3.3): ResNet-18's ImageNet
+# stem on 32x32 images leaves a 1x1 map in the last stage.
+ONE_BY_ONE = ["model=resnet50", "model.stem=imagenet", "dataset.image_size=32"]
+
+
+def test_frn_with_learnable_eps_on_a_1x1_map_matches_the_paper_values_and_gradients():
+    layer = randomize(build_norm("frn", 4, learnable_eps=True)).double()
+    with torch.no_grad():
+        layer.eps_learned.fill_(-0.3)  # used as |eps_learned|
+    x = sample_input((6, 4, 1, 1))
+    params = [layer.weight, layer.bias, layer.tau, layer.eps_learned]
+    ours, grads, weights = outputs_and_grads(layer, x, params)
+
+    gamma, beta, tau = (p.detach().clone().requires_grad_(True) for p in params[:3])
+    eps_learned = torch.tensor(-0.3, dtype=F64, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    ref = reference_frn(xr, gamma, beta, tau, eps=1e-6 + eps_learned.abs())
+    # on a 1x1 map nu2 = x^2: x_hat = x / sqrt(x^2 + eps), smooth, not sign(x)
+    torch.testing.assert_close(ref, torch.max(xr / torch.sqrt(xr ** 2 + 1e-6 + 0.3)
+                                              * per_channel(gamma) + per_channel(beta),
+                                              per_channel(tau)))
+    torch.testing.assert_close(ours, ref.detach())
+    assert_all_close(grads, torch.autograd.grad((ref * weights).sum(),
+                                                [xr, gamma, beta, tau, eps_learned]))
+    assert grads[0].abs().max() > 0.1 and grads[4] != 0  # the input and eps get a gradient
+
+
+def test_frn_with_learnable_eps_is_allowed_on_1x1_maps_and_without_it_is_refused():
+    validate_config(compose_config(["norm=frn", "norm.learnable_eps=true", *ONE_BY_ONE]))
+    with pytest.raises(ConfigError, match=r"norm=frn at layer stages\.3\.\d\.conv\d\.norm would "
+                       r"normalize a single value \(input \d+x1x1.*use norm\.learnable_eps=true"):
+        validate_config(compose_config(["norm=frn", *ONE_BY_ONE]))
+
+
+def test_frn_with_learnable_eps_trains_a_model_with_1x1_maps():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=4, norm="frn", norm_options={"learnable_eps": True},
+                        stem="imagenet", width=0.25)
+    shapes = norm_input_shapes(model, 32)
+    assert (shapes["stages.3.1.conv2.norm"][1:]) == (1, 1)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    eps_before = {name: p.item() for name, p in model.named_parameters()
+                  if name.endswith("eps_learned")}
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]
+    last = model.stages[3][1].conv2.norm  # a 1x1 map: its learned eps moved
+    assert last.eps_learned.item() != eps_before["stages.3.1.conv2.norm.eps_learned"]
+
+
+# ---- one value per statistic: a clear error, not a ZeroDivisionError ---------------------------
+@pytest.mark.parametrize("norm,batch,images", [("bn", 1, 2), ("bn", None, 1), ("syncbn", None, 1)])
+def test_one_value_per_statistic_in_training_is_an_error_naming_layer_batch_and_remedy(
+        norm, batch, images):
+    # ResNet-18's ImageNet stem leaves 32x32 images a 1x1 map in the last stage: one image per
+    # worker gives BN one value per statistic there
+    model = build_model("resnet18", num_classes=4, norm=norm, batch=batch, stem="imagenet",
+                        width=0.25)
+    x = torch.randn(images, 3, 32, 32)
+    with pytest.raises(NormConfigError, match=(
+            r"at layer stages\.3\.0\.conv1\.norm would normalize a single value per channel in "
+            r"training: batch=1 image per worker on a 1x1 map \(input 128x1x1: the images are "
+            r"too small for this model's stem\); choose batch >= 2 images per worker, larger "
+            r"images or a stem that keeps larger maps \(stem='cifar' for 32x32 images\), or a "
+            r"batch-independent norm such as gn")):
+        model(x)
+    model.eval()(x)  # evaluation uses the running statistics: any batch
+    model.train()(torch.randn(2 * images, 3, 64, 64))  # 2x2 maps: 4 values per statistic
+
+
+def test_syncbn_on_a_1x1_map_counts_the_steps_images_not_one_workers():
+    # syncbn's statistics cover batch * workers = 2 images: two values per statistic, allowed
+    # (it was refused as if one worker's single image were its statistics batch)
+    validate_config(compose_config(["norm=syncbn", "batch=1", "workers=2", *ONE_BY_ONE]))
 
 
 def test_evonorm_s0_matches_the_paper_values_and_gradients():
