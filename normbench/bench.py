@@ -47,7 +47,7 @@ from torch import nn
 
 from .fast_paths import apply_fast_paths
 from .models import MODELS, build_model
-from .norms import NORMS
+from .norms import NORMS, set_total_steps
 from .train import Trainer, autocast_dtype, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +239,7 @@ class MinimalLoop:
             lr=optim["lr_per_256"] * global_batch / 256, momentum=optim["momentum"],
             nesterov=optim["nesterov"])
         self.mark_cudagraph_steps = mark_cudagraph_steps
+        set_total_steps(model, len(batches))  # BRN's schedule: one call is one run
         model.train()
 
     def __call__(self) -> None:

@@ -321,26 +321,34 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
     Inference: ``y = gamma * (x - mu) / sigma + beta`` (``sigma`` already holds eps). The moving
     averages take the mean over chunks, like :class:`VirtualBatchNorm2d`.
 
-    Schedule (Ioffe 2017, section 4): plain BN (``r_max = 1``, ``d_max = 0``) for the first
-    ``warmup_steps`` training steps, then both limits relax linearly to ``r_max`` and ``d_max``,
-    reached at training steps ``r_max_reached_at`` and ``d_max_reached_at``. The step is the
-    buffer ``steps`` (training-mode forwards in ``update`` mode), so it travels with the state
-    dict and a resumed run continues the schedule. Defaults: ``momentum = 0.01``, the schedule's
-    steps (5k, 40k, 25k) from Ioffe 2017; the limits ``r_max = 1.5``, ``d_max = 0.5`` that the GN
-    paper used for ResNet-50 (Ioffe's were 3 and 5).
+    Schedule (Ioffe 2017, section 4), in fractions of the run's training steps: plain BN
+    (``r_max = 1``, ``d_max = 0``) until ``warmup_until``, then both limits relax linearly to
+    ``r_max`` and ``d_max``, reached at ``r_max_reached_at`` and ``d_max_reached_at``. Fractions,
+    not step counts, so that runs of the same length in epochs get the same schedule whatever
+    their batch (batch 2 takes 16 times the steps of batch 32) and a short run is not plain BN
+    throughout. Ioffe's ImageNet run (about 130k steps) had 5k steps of plain BN, d_max reached
+    at 25k and r_max at 40k: the defaults 0.04, 0.2 and 0.3 are those fractions, rounded.
+
+    The layer needs the run's length: :func:`set_total_steps` sets ``total_steps`` (the trainer
+    calls it once, before training); a training-mode forward without it is an error. The steps
+    done are the buffer ``steps`` (training-mode forwards in ``update`` mode), so they travel
+    with the state dict and a resumed run continues the schedule. Defaults: ``momentum = 0.01``
+    (Ioffe 2017); the limits ``r_max = 1.5``, ``d_max = 0.5`` that the GN paper used for
+    ResNet-50 (Ioffe's were 3 and 5).
     """
 
     running_stat_names = ("running_mean", "running_std")
 
     def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.01,
-                 r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
-                 r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+                 r_max: float = 1.5, d_max: float = 0.5, warmup_until: float = 0.04,
+                 r_max_reached_at: float = 0.3, d_max_reached_at: float = 0.2,
                  virtual_batch: int | None = None) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.r_max, self.d_max = r_max, d_max
-        self.warmup_steps = warmup_steps
+        self.warmup_until = warmup_until
         self.r_max_reached_at, self.d_max_reached_at = r_max_reached_at, d_max_reached_at
+        self.total_steps: int | None = None  # the run's training steps: set_total_steps
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -353,17 +361,25 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
 
     def clip_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) at the current step; tensors, so reading the step needs no sync."""
-        return (self._relaxed(1.0, self.r_max, self.r_max_reached_at),
-                self._relaxed(0.0, self.d_max, self.d_max_reached_at))
+        if self.total_steps is None:
+            where = f" at layer {self.layer_name}" if self.layer_name else ""
+            raise NormConfigError(
+                f"{type(self).__name__}{where}: the run's number of training steps is not set "
+                f"(the r_max / d_max schedule is in fractions of the run); call "
+                f"normbench.norms.set_total_steps(model, steps) once before training")
+        done = self.steps.to(self.running_std.dtype) / self.total_steps  # fraction of the run
+        return (self._relaxed(1.0, self.r_max, done, self.r_max_reached_at),
+                self._relaxed(0.0, self.d_max, done, self.d_max_reached_at))
 
-    def _relaxed(self, start: float, limit: float, reached_at: int) -> torch.Tensor:
-        """The limit at the current step: ``start`` until ``warmup_steps``, then linear up to
-        ``limit`` at ``reached_at``, then ``limit``."""
-        since_warmup = (self.steps - self.warmup_steps).to(self.running_std.dtype)
-        if reached_at > self.warmup_steps:
-            progress = (since_warmup / (reached_at - self.warmup_steps)).clamp(0.0, 1.0)
+    def _relaxed(self, start: float, limit: float, done: torch.Tensor,
+                 reached_at: float) -> torch.Tensor:
+        """The limit when the fraction ``done`` of the run is done: ``start`` until
+        ``warmup_until``, then linear up to ``limit`` at ``reached_at``, then ``limit``."""
+        since_warmup = done - self.warmup_until
+        if reached_at > self.warmup_until:
+            progress = (since_warmup / (reached_at - self.warmup_until)).clamp(0.0, 1.0)
         else:
-            progress = (since_warmup >= 0).to(since_warmup.dtype)
+            progress = (since_warmup >= 0).to(done.dtype)
         return start + (limit - start) * progress
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,6 +387,7 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        self._refuse_single_values(x, self.virtual_batch or x.shape[0])
         chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)
         mean, var = chunk_moments(chunks)
         std = torch.sqrt(var + self.eps)
@@ -395,9 +412,23 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, warmup_until={self.warmup_until}, "
                 f"r_max_reached_at={self.r_max_reached_at}, "
-                f"d_max_reached_at={self.d_max_reached_at}, virtual_batch={self.virtual_batch}")
+                f"d_max_reached_at={self.d_max_reached_at}, total_steps={self.total_steps}, "
+                f"virtual_batch={self.virtual_batch}")
+
+
+def set_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Give every layer of ``model`` whose training follows a schedule over the run (BRN's
+    r_max / d_max relaxation, :class:`BatchRenorm2d`) the run's number of training steps. Call
+    it once before training (again after changing the run's length); the steps already done are
+    counted by the layers themselves, in their state dict."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps={total_steps!r} is not allowed; it must be an integer "
+                         f">= 1 (the run's training steps)")
+    for m in model.modules():
+        if isinstance(m, BatchRenorm2d):
+            m.total_steps = total_steps
 
 
 def name_batch_statistics_layers(model: nn.Module) -> None:
@@ -693,19 +724,28 @@ def _build_bn(num_channels: int, *, eps: float = EPS, momentum: float = 0.1,
 
 
 def _build_brn(num_channels: int, *, eps: float = EPS, momentum: float = 0.01,
-               r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
-               r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+               r_max: float = 1.5, d_max: float = 0.5, warmup_until: float = 0.04,
+               r_max_reached_at: float = 0.3, d_max_reached_at: float = 0.2,
                virtual_batch: int | None = None) -> nn.Module:
+    for key, value in (("r_max", r_max), ("d_max", d_max), ("warmup_until", warmup_until),
+                       ("r_max_reached_at", r_max_reached_at),
+                       ("d_max_reached_at", d_max_reached_at)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise NormConfigError(f"brn: {key}={value!r} is not allowed; it must be a number")
     if r_max < 1 or d_max < 0:
         raise NormConfigError(f"brn: r_max={r_max}, d_max={d_max} are not allowed; r_max must "
                               f"be >= 1 and d_max >= 0")
-    for key, step in (("r_max_reached_at", r_max_reached_at),
-                      ("d_max_reached_at", d_max_reached_at)):
-        if warmup_steps < 0 or step < warmup_steps:
-            raise NormConfigError(f"brn: {key}={step} is not allowed with warmup_steps="
-                                  f"{warmup_steps}; it must be >= warmup_steps >= 0")
+    if not 0 <= warmup_until <= 1:
+        raise NormConfigError(f"brn: warmup_until={warmup_until} is not allowed; it is a "
+                              f"fraction of the run's training steps, between 0 and 1")
+    for key, fraction in (("r_max_reached_at", r_max_reached_at),
+                          ("d_max_reached_at", d_max_reached_at)):
+        if not warmup_until <= fraction <= 1:
+            raise NormConfigError(f"brn: {key}={fraction} is not allowed with warmup_until="
+                                  f"{warmup_until}; it is a fraction of the run's training "
+                                  f"steps, between warmup_until and 1")
     return BatchRenorm2d(num_channels, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max,
-                         warmup_steps=warmup_steps, r_max_reached_at=r_max_reached_at,
+                         warmup_until=warmup_until, r_max_reached_at=r_max_reached_at,
                          d_max_reached_at=d_max_reached_at, virtual_batch=virtual_batch)
 
 
@@ -877,4 +917,4 @@ __all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "MIN_VALUES_PER_STATISTIC", "NORMS",
            "NormSpec", "StatisticsSum", "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d",
            "build_activation", "build_norm", "chunk_moments", "distributed_world", "groups_for",
            "merge_moments", "min_values_per_statistic", "moments", "name_batch_statistics_layers",
-           "norm_layers", "norm_options", "norm_spec", "worker_chunks"]
+           "norm_layers", "norm_options", "norm_spec", "set_total_steps", "worker_chunks"]
