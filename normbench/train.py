@@ -40,6 +40,7 @@ from .distributed import (average_over_processes, average_running_statistics,
 from .evaluation import evaluate_epoch
 from .fast_paths import use_channels_last
 from .machine import cpu_features, cpu_has_bf16, describe_machine
+from .norms import set_total_steps
 from .records import OtherProcessRunFolder, RecordsError, RunFolder
 from .tracking import Tracker
 
@@ -157,6 +158,7 @@ class Trainer:
                              f"training images, fewer than one step of batch x workers = "
                              f"{self.global_batch}")
         self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
+        set_total_steps(self.model, cfg["epochs"] * len(self.train_loader))  # BRN's schedule
         # channels_last (NHWC) where it is faster for this norm and device; the inputs are put
         # in the same format in every step (a conv fed NCHW would transpose them itself).
         self.memory_format = (torch.channels_last if use_channels_last(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.fast_paths import use_channels_last
+from normbench.norms import set_total_steps
 from normbench.machine import cpu_features, cpu_has_bf16, cpu_model, gpu_model, package_versions
 from normbench.models import MODELS, build_model
 from normbench.norms import chunked_bn_variant, norm_options, use_chunked_bn
@@ -273,6 +274,7 @@ class MinimalLoop:
         optim = ctx.base_config["optim"]
         global_batch = len(batches[0][1])
         self.ctx, self.model, self.batches = ctx, model, batches
+        set_total_steps(model, len(batches))  # BRN's schedule: one call is one run
         self.optimizer = torch.optim.SGD(
             parameter_groups(model, optim["weight_decay"], optim["norm_weight_decay"]),
             lr=optim["lr_per_256"] * global_batch / 256, momentum=optim["momentum"],
