@@ -451,7 +451,7 @@ def test_decoded_folder_is_cached_and_reused(folder: Path, monkeypatch: pytest.M
     def no_decoding(path: Path, image_size: int) -> np.ndarray:
         raise AssertionError(f"decoded {path} although it is cached")
 
-    monkeypatch.setattr(data, "_load_rgb_image", no_decoding)
+    monkeypatch.setattr(data.sources, "_load_rgb_image", no_decoding)
     _, cached_test, info = loaders(config, global_batch=4)
     assert_same_batches(test, cached_test)
     assert info.classes == ("cat", "dog", "frog")
