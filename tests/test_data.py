@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import re
 import tarfile
 import time
@@ -469,6 +470,39 @@ def test_corrupt_image_is_named_or_skipped_and_counted(folder: Path) -> None:
     train, _, info = loaders(folder_config(folder, skip_corrupt=True), global_batch=11)
     assert (info.num_train, info.skipped_files) == (11, 1)
     assert len(epoch_batches(train, 0)) == 1
+
+
+def test_replaced_corrupt_image_is_decoded_again(folder: Path) -> None:
+    # The decoded cache is keyed by what the files are, not only their names: a corrupt image
+    # skipped once and then replaced by a good one must be decoded, not skipped from the cache.
+    bad = folder / "train/frog/02.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"this is not a png")
+    config = folder_config(folder, skip_corrupt=True)
+    assert loaders(config, global_batch=4)[2].skipped_files == 1
+    bad.write_bytes(good)
+    info = loaders(config, global_batch=4)[2]
+    assert (info.num_train, info.skipped_files) == (12, 0)
+
+
+def test_skipped_truncated_jpeg_is_named_in_the_warning(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    jpeg = folder / "train/dog/03.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:400])  # a header and part of the scan: PIL says "truncated"
+    with caplog.at_level(logging.WARNING, logger="normbench.data"):
+        info = loaders(folder_config(folder, skip_corrupt=True), global_batch=4)[2]
+    assert info.skipped_files == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(jpeg) in warnings[0] and "truncated" in warnings[0]
+
+
+def test_root_that_is_a_file_is_called_a_file(tmp_path: Path) -> None:
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"not a folder")
+    with pytest.raises(DatasetError, match="is a file, not a folder") as error:
+        loaders(folder_config(archive))
+    assert "does not exist" not in str(error.value) and str(archive) in str(error.value)
 
 
 def test_missing_root_or_train_folder_says_how_to_prepare(tmp_path: Path) -> None:

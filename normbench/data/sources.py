@@ -228,6 +228,11 @@ def _test_dir(root: Path, choice: str) -> Path:
 def image_folder_layout(dataset: Mapping[str, Any]) -> ImageFolderLayout:
     """Check the folder structure and choose the classes (class_list order, else sorted)."""
     root = expanded_path(require(dataset, "root")).resolve()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(
+            f"dataset.root={root} is a file, not a folder; {_prepare_advice(root)} (an archive "
+            "is unpacked with scripts/prepare_data.py, not read in place)"
+        )
     if not root.is_dir():
         raise DatasetError(f"image folder root {root} does not exist; {_prepare_advice(root)}")
     train_dir = root / "train"
@@ -315,7 +320,9 @@ def _decode_to_tensor(
         except DatasetError as error:
             if not skip_corrupt:
                 raise
-            logger.warning("skipping unreadable image: %s", error.__cause__ or error)
+            # The file's name and the decoder's reason (PIL's message, e.g. "image file is
+            # truncated", does not name the file).
+            logger.warning("skipping unreadable image %s: %s", path, error.__cause__ or error)
             skipped += 1
             continue
         images[len(kept)] = torch.from_numpy(array).permute(2, 0, 1)
@@ -331,19 +338,28 @@ def _cache_path(
     files: Sequence[Path],
     key: Mapping[str, Any],
 ) -> Path:
-    """Cache file keyed by everything that decides its content, including the file names."""
+    """Cache file keyed by everything that decides its content, including the files."""
     content = {
         "format": _CACHE_FORMAT,
         "root": str(layout.root),
         "train_dir": layout.train_dir.name,
         "test_dir": layout.test_dir.name,
         "classes": list(layout.classes),
-        "files": [str(f.relative_to(layout.root)) for f in files],
+        # What each file is, not only its name: a file replaced by another (a corrupt image by
+        # a good one) changes its size or modification time, so it is decoded again.
+        "files": [_file_identity(f, layout.root) for f in files],
         **key,
     }
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
     cache_dir = expanded_path(require(dataset, "cache_dir"))
     return cache_dir / f"imagefolder-{layout.root.name}-{key['image_size']}px-{digest}.pt"
+
+
+def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
+    """(name under root, size in bytes, modification time in ns): what the cache key knows of a
+    file. Cheaper than hashing the contents (one stat per file) and changed by any rewrite."""
+    stat = path.stat()
+    return str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns
 
 
 def _save_atomically(payload: Mapping[str, Any], path: Path) -> None:
