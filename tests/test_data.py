@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from conftest import compose_config
 from normbench import data
 from normbench.data import DatasetError, build_loaders
 
@@ -83,6 +84,40 @@ def test_dataset_yaml_has_common_keys(name: str) -> None:
 def test_imagefolder_stem_follows_preset() -> None:
     assert dataset_config("imagefolder")["stem"] == "cifar"
     assert dataset_config("imagefolder", preset="imagenet")["stem"] == "imagenet"
+
+
+def test_imagenet_preset_brings_imagenet_defaults_unless_overridden() -> None:
+    from normbench.data.presets import PRESETS
+
+    cifar = compose_config(["dataset=imagefolder"])
+    assert cifar["dataset"]["image_size"] == 32 and cifar["model"]["stem"] == "cifar"
+    assert cifar["dataset"]["mean"] == [0.4914, 0.4822, 0.4465]  # run hashes stay as they were
+    imagenet = compose_config(["dataset=imagefolder", "dataset.preset=imagenet"])["dataset"]
+    assert (imagenet["image_size"], imagenet["stem"]) == (224, "imagenet")
+    assert imagenet["mean"] == [0.485, 0.456, 0.406] and imagenet["std"] == [0.229, 0.224, 0.225]
+    assert {k: imagenet[k] for k in PRESETS["imagenet"]} == PRESETS["imagenet"]
+    mine = compose_config(["dataset=imagefolder", "dataset.preset=imagenet",
+                           "dataset.image_size=160", "dataset.mean=[0.5,0.5,0.5]"])["dataset"]
+    assert (mine["image_size"], mine["mean"], mine["std"]) == (160, [0.5] * 3, imagenet["std"])
+
+
+def test_preset_defaults_are_written_once() -> None:
+    # The preset's values live in normbench/data/presets.py; the YAML only points at them.
+    text = (REPO / "conf/dataset/imagefolder.yaml").read_text()
+    for key in ("image_size", "mean", "std", "stem"):
+        assert f"{key}: ${{dataset_preset:${{.preset}},{key}}}" in text
+    assert "0.485" not in text and "0.4914" not in text
+
+
+def test_bad_preset_is_named_as_dataset_preset() -> None:
+    from normbench.config import ConfigError, validate_config
+
+    config = compose_config(["dataset=imagefolder", "dataset.preset=bogus"])
+    with pytest.raises((DatasetError, ConfigError), match=r"dataset\.preset='bogus'") as error:
+        validate_config(config)
+    assert "cifar, imagenet" in str(error.value) and "model.stem" not in str(error.value)
+    with pytest.raises(DatasetError, match=r"dataset\.preset='bogus'.*cifar, imagenet"):
+        loaders({**dataset_config("imagefolder"), "preset": "bogus"})
 
 
 def test_unknown_name_lists_known_names() -> None:

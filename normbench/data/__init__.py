@@ -32,12 +32,14 @@ import torch
 
 from .archives import extract_image_folder
 from .base import (IMAGE_EXTENSIONS, DatasetError, DatasetInfo, TensorSplits, derive_seed,
-                   expanded_path, mean_std, optional_count, require, require_choice)
+                   expanded_path, mean_std, optional_count, require)
 from .batches import (CIFAR_CROP_PADDING, EpochPlan, EvalBatchSampler, EvalLoader, FolderLoader,
                       ImageFileDataset, LoaderOptions, Loaders, ShardedTrainBatchSampler,
                       TensorEvalLoader, TensorTrainLoader, TrainLoader, crop_and_flip,
                       epoch_order, eval_indices, eval_order, eval_shard, gather_windows,
                       normalize, random_resized_crop_box)
+from .presets import (PRESET_NAMES, PRESETS, check_preset, preset_default,
+                      register_preset_resolver)
 from .sources import (ImageFolderLayout, cifar_tensors, image_folder_layout, image_folder_tensors,
                       list_image_files, readable_files, synthetic_splits, torchvision_cifar)
 
@@ -160,7 +162,7 @@ def _image_folder_file_loaders(dataset: Mapping[str, Any], options: LoaderOption
 
 
 def _build_image_folder(dataset: Mapping[str, Any], options: LoaderOptions) -> Loaders:
-    preset = require_choice(dataset, "preset", ("cifar", "imagenet"))
+    preset = check_preset(require(dataset, "preset"))
     if preset == "imagenet":
         return _image_folder_file_loaders(dataset, options)
     return _tensor_loaders(dataset, image_folder_tensors(dataset), options)
@@ -217,5 +219,6 @@ __all__ = [
     "TensorSplits", "TensorTrainLoader", "TrainLoader", "build_loaders", "crop_and_flip",
     "derive_seed", "epoch_order", "eval_indices", "eval_order", "eval_shard",
     "extract_image_folder", "gather_windows", "image_folder_layout", "image_folder_tensors",
-    "list_image_files", "normalize", "random_resized_crop_box", "synthetic_splits",
+    "PRESETS", "PRESET_NAMES", "check_preset", "list_image_files", "normalize", "preset_default",
+    "register_preset_resolver", "random_resized_crop_box", "synthetic_splits",
 ]
