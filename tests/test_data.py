@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import os
 import re
 import tarfile
 import time
@@ -611,6 +612,52 @@ def test_imagenet_preset_corrupt_image(folder: Path) -> None:
     _, test, info = loaders(imagenet_config(folder, skip_corrupt=True), global_batch=4)
     assert (info.num_test, info.skipped_files) == (5, 1)
     assert sum(len(y) for _, y in test) == 5
+
+
+# ----------------------------------------------------------------------------- DataLoader workers
+
+
+@pytest.mark.parametrize(
+    "cpus,environ,expected",
+    [
+        (16, {}, 15),  # one process: every CPU but the main process's
+        (16, {"LOCAL_WORLD_SIZE": "4"}, 3),  # torchrun: 4 processes share the 16 CPUs
+        (64, {"SLURM_CPUS_PER_TASK": "6"}, 5),  # a SLURM task's own CPUs, not the node's
+        (64, {"SLURM_CPUS_PER_TASK": "16", "LOCAL_WORLD_SIZE": "8"}, 1),  # torchrun in a task
+        (1, {}, 0),
+        (4, {"LOCAL_WORLD_SIZE": "8"}, 0),  # never below 0
+    ],
+)
+def test_auto_num_workers_follows_the_cpus_of_this_process(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, environ: dict[str, str], expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert data.auto_num_workers(environ) == expected
+    assert data.resolve_num_workers("auto", environ) == expected
+    assert data.resolve_num_workers(3, environ) == 3
+
+
+@pytest.mark.parametrize("value", ["many", -1, 2.5, True])
+def test_bad_num_workers_names_the_key_and_the_choices(value: Any) -> None:
+    with pytest.raises(DatasetError, match=r"num_workers=.*auto.*integer >= 0"):
+        data.resolve_num_workers(value)
+
+
+def test_num_workers_defaults_to_auto_and_the_summary_records_the_number_used(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from normbench.train import Trainer
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    run = ["model=resnet8", "batch=2", "workers=2", "wandb.mode=disabled", "progress=false",
+           "device=cpu", "dataset=imagefolder", f"dataset.root={folder}", "dataset.num_classes=3"]
+    files = compose_config(run + ["dataset.preset=imagenet", "dataset.image_size=32"])
+    assert files["num_workers"] == "auto"
+    assert Trainer(files, folder=None).summary("failed")["num_workers"] == 2
+    cached = compose_config(run + [f"dataset.cache_dir={folder.parent / 'cache'}"])
+    assert Trainer(cached, folder=None).summary("failed")["num_workers"] == 0  # on the device
 
 
 def test_random_resized_crop_box_stays_inside_the_image() -> None:

@@ -42,6 +42,7 @@ from .presets import (PRESET_NAMES, PRESETS, check_preset, preset_default,
                       register_preset_resolver)
 from .sources import (ImageFolderLayout, cifar_tensors, image_folder_layout, image_folder_tensors,
                       list_image_files, readable_files, synthetic_splits, torchvision_cifar)
+from .workers import auto_num_workers, available_cpus, resolve_num_workers
 
 # A data set's builder: (dataset config node, options) -> loaders; see DATASET_BUILDERS.
 Builder = Callable[[Mapping[str, Any], LoaderOptions], Loaders]
@@ -77,6 +78,7 @@ def _dataset_info(
     num_train: int,
     num_test: int,
     skipped: int,
+    num_workers: int = 0,
 ) -> DatasetInfo:
     """DatasetInfo after checking the config's class count against the data found."""
     name = require(dataset, "name")
@@ -95,6 +97,7 @@ def _dataset_info(
         num_test=num_test,
         classes=classes,
         skipped_files=skipped,
+        num_workers=num_workers,
     )
 
 
@@ -138,7 +141,9 @@ def _image_folder_file_loaders(dataset: Mapping[str, Any], options: LoaderOption
         train_files, train_labels, train_skipped = readable_files(train_files, train_labels)
         test_files, test_labels, test_skipped = readable_files(test_files, test_labels)
         skipped = train_skipped + test_skipped
-    info = _dataset_info(dataset, layout.classes, len(train_files), len(test_files), skipped)
+    info = _dataset_info(
+        dataset, layout.classes, len(train_files), len(test_files), skipped, options.num_workers
+    )
     _check_train_size(info.num_train, options)
     mean, std = mean_std(dataset)
     augment = bool(require(dataset, "augment"))
@@ -186,13 +191,15 @@ def build_loaders(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 2,
+    num_workers: int | str = "auto",
 ) -> Loaders:
     """Training and evaluation loaders for this rank, and what the data set is.
 
     `dataset` is the config's dataset node; `global_batch` the images of one SGD step over all
     ranks (each rank yields global_batch // world_size per step); `seed` the run seed, which
-    drives shuffling and augmentation (call `train_loader.set_epoch(epoch)` before each epoch).
+    drives shuffling and augmentation (call `train_loader.set_epoch(epoch)` before each epoch);
+    `num_workers` the DataLoader processes of the file loader, or auto (`workers.py`). The
+    DatasetInfo says how many were used.
     """
     options = LoaderOptions(
         global_batch=global_batch,
@@ -201,7 +208,7 @@ def build_loaders(
         device=torch.device(device),
         rank=rank,
         world_size=world_size,
-        num_workers=num_workers,
+        num_workers=resolve_num_workers(num_workers),
     )
     name = require(dataset, "name")
     if name not in DATASET_BUILDERS:
@@ -213,12 +220,13 @@ def build_loaders(
 
 # The names other modules, scripts and tests import from `normbench.data`.
 __all__ = [
-    "CIFAR_CROP_PADDING", "DATASET_BUILDERS", "IMAGE_EXTENSIONS", "DatasetError", "DatasetInfo",
-    "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader", "ImageFileDataset",
-    "ImageFolderLayout", "LoaderOptions", "Loaders", "ShardedTrainBatchSampler", "TensorEvalLoader",
-    "TensorSplits", "TensorTrainLoader", "TrainLoader", "build_loaders", "crop_and_flip",
-    "derive_seed", "epoch_order", "eval_indices", "eval_order", "eval_shard",
+    "CIFAR_CROP_PADDING", "DATASET_BUILDERS", "IMAGE_EXTENSIONS", "PRESETS", "PRESET_NAMES",
+    "DatasetError", "DatasetInfo", "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader",
+    "ImageFileDataset", "ImageFolderLayout", "LoaderOptions", "Loaders",
+    "ShardedTrainBatchSampler", "TensorEvalLoader", "TensorSplits", "TensorTrainLoader",
+    "TrainLoader", "auto_num_workers", "available_cpus", "build_loaders", "check_preset",
+    "crop_and_flip", "derive_seed", "epoch_order", "eval_indices", "eval_order", "eval_shard",
     "extract_image_folder", "gather_windows", "image_folder_layout", "image_folder_tensors",
-    "PRESETS", "PRESET_NAMES", "check_preset", "list_image_files", "normalize", "preset_default",
-    "register_preset_resolver", "random_resized_crop_box", "synthetic_splits",
+    "list_image_files", "normalize", "preset_default", "random_resized_crop_box",
+    "register_preset_resolver", "resolve_num_workers", "synthetic_splits",
 ]

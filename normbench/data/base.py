@@ -36,6 +36,7 @@ class DatasetInfo:
     num_test: int
     classes: tuple[str, ...]
     skipped_files: int = 0  # unreadable image files skipped (imagefolder with skip_corrupt)
+    num_workers: int = 0  # DataLoader worker processes used (0: none; tensors on the device)
 
 
 @dataclass(frozen=True)
