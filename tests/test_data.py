@@ -614,6 +614,105 @@ def test_imagenet_preset_corrupt_image(folder: Path) -> None:
     assert sum(len(y) for _, y in test) == 5
 
 
+# ----------------------------------------------------------------------------- JPEGs on the GPU
+
+
+def smooth_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A smooth random colour image (JPEG-friendly: decoders and resamplers differ little)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path: Path) -> Path:
+    """root/{train,test}/{cat,dog}/NN.jpg of assorted sizes, one of them greyscale."""
+    root = tmp_path / "jpegs"
+    seed = 0
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                size = (40 + 4 * (seed % 3), 36 + 6 * (seed % 4))
+                smooth_image(seed, size).save(root / split / name / f"{i:02d}.jpg", quality=95)
+                seed += 1
+    smooth_image(99, (44, 40)).convert("L").save(root / "train/dog/03.jpg", quality=95)
+    return root
+
+
+def jpeg_config(root: Path, **overrides: Any) -> dict[str, Any]:
+    options = {"preset": "imagenet", "image_size": 24, "num_classes": 2}
+    return folder_config(root, **{**options, **overrides})
+
+
+def device_loaders(root: Path, device: torch.device) -> tuple[Any, Any]:
+    """The GPU path's loaders, on `device` (the CPU runs the same code, for the tests)."""
+    config = jpeg_config(root)
+    options = data.LoaderOptions(global_batch=4, eval_batch=3, seed=1, device=device, rank=0,
+                                 world_size=1, num_workers=0)
+    layout = data.image_folder_layout(config)
+    train = data.list_image_files(layout.train_dir, layout.classes, None)
+    test = data.list_image_files(layout.test_dir, layout.classes, None)
+    return data.device_jpeg_loaders(*train, *test, image_size=24, augment=True,
+                                    mean=config["mean"], std=config["std"], options=options)
+
+
+def assert_close_to_the_cpu_path(root: Path, train: Any, test: Any) -> None:
+    """Same images, crops, flips and labels as the PIL path; pixels within decoder rounding."""
+    cpu_train, cpu_test, _ = loaders(jpeg_config(root), global_batch=4, eval_batch=3)
+    config = jpeg_config(root)
+    for epoch in (0, 1):
+        pairs = list(zip(epoch_batches(cpu_train, epoch), epoch_batches(train, epoch), strict=True))
+        for (cpu_images, cpu_labels), (images, labels) in pairs:
+            assert torch.equal(labels.cpu(), cpu_labels)
+            difference = (to_uint8(images.cpu(), config).float()
+                          - to_uint8(cpu_images, config).float()).abs()
+            assert difference.mean() < 2.0, difference.mean()  # levels of 255
+    for (cpu_images, cpu_labels), (images, labels) in zip(cpu_test, test, strict=True):
+        assert torch.equal(labels.cpu(), cpu_labels) and images.shape == cpu_images.shape
+        difference = (to_uint8(images.cpu(), config).float()
+                      - to_uint8(cpu_images, config).float()).abs()
+        assert difference.mean() < 2.0, difference.mean()
+
+
+def test_device_jpeg_loader_matches_the_pil_path(jpeg_folder: Path) -> None:
+    train, test = device_loaders(jpeg_folder, CPU)
+    assert_close_to_the_cpu_path(jpeg_folder, train, test)
+
+
+def test_device_jpeg_loader_names_a_bad_file_and_decodes_a_png_named_jpeg(
+    jpeg_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    png = jpeg_folder / "test/cat/01.jpg"
+    smooth_image(7, (30, 30)).save(png, format="PNG")
+    with caplog.at_level(logging.WARNING, logger="normbench.data"):
+        _, test = device_loaders(jpeg_folder, CPU)
+        assert sum(len(labels) for _, labels in test) == 4
+    assert any(str(png) in r.getMessage() for r in caplog.records)
+    bad = jpeg_folder / "test/dog/00.jpg"
+    bad.write_bytes(b"garbage")
+    _, test = device_loaders(jpeg_folder, CPU)
+    with pytest.raises(DatasetError, match=re.escape(str(bad))):
+        list(test)
+
+
+def test_cpu_runs_and_non_jpeg_folders_keep_the_pil_path(jpeg_folder: Path, folder: Path) -> None:
+    assert isinstance(loaders(jpeg_config(jpeg_folder), global_batch=4)[0], data.FolderLoader)
+    assert not data.gpu_jpeg.all_jpeg(data.list_image_files(folder / "train", ["cat"], None)[0])
+
+
+@pytest.mark.cuda
+def test_cuda_run_decodes_jpegs_on_the_gpu_in_batches(jpeg_folder: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cuda = torch.device("cuda")
+    train, test, _ = loaders(jpeg_config(jpeg_folder), global_batch=4, eval_batch=3, device=cuda)
+    assert isinstance(train, data.DeviceJpegLoader) and isinstance(test, data.DeviceJpegLoader)
+    images, labels = epoch_batches(train, 0)[0]
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
+    assert_close_to_the_cpu_path(jpeg_folder, train, test)
+
+
 # ----------------------------------------------------------------------------- DataLoader workers
 
 

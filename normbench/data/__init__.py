@@ -25,6 +25,7 @@ way, top to bottom:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,11 +39,14 @@ from .batches import (CIFAR_CROP_PADDING, EpochPlan, EvalBatchSampler, EvalLoade
                       TensorEvalLoader, TensorTrainLoader, TrainLoader, crop_and_flip,
                       epoch_order, eval_indices, eval_order, eval_shard, gather_windows,
                       normalize, random_resized_crop_box)
+from .gpu_jpeg import DeviceJpegLoader, all_jpeg, device_jpeg_loaders
 from .presets import (PRESET_NAMES, PRESETS, check_preset, preset_default,
                       register_preset_resolver)
 from .sources import (ImageFolderLayout, cifar_tensors, image_folder_layout, image_folder_tensors,
                       list_image_files, readable_files, synthetic_splits, torchvision_cifar)
 from .workers import auto_num_workers, available_cpus, resolve_num_workers
+
+logger = logging.getLogger(__name__)
 
 # A data set's builder: (dataset config node, options) -> loaders; see DATASET_BUILDERS.
 Builder = Callable[[Mapping[str, Any], LoaderOptions], Loaders]
@@ -147,6 +151,15 @@ def _image_folder_file_loaders(dataset: Mapping[str, Any], options: LoaderOption
     _check_train_size(info.num_train, options)
     mean, std = mean_std(dataset)
     augment = bool(require(dataset, "augment"))
+    if options.device.type == "cuda":
+        if all_jpeg(train_files + test_files):
+            logger.info("decoding the JPEGs on %s, a batch at a time", options.device)
+            train, test = device_jpeg_loaders(
+                train_files, train_labels, test_files, test_labels, image_size=image_size,
+                augment=augment, mean=mean, std=std, options=options,
+            )
+            return train, test, info
+        logger.info("decoding images on the CPU (DataLoader workers): not every file is a JPEG")
     train_set = ImageFileDataset(
         train_files, train_labels, image_size=image_size, train_augment=augment, seed=options.seed
     )
@@ -221,7 +234,7 @@ def build_loaders(
 # The names other modules, scripts and tests import from `normbench.data`.
 __all__ = [
     "CIFAR_CROP_PADDING", "DATASET_BUILDERS", "IMAGE_EXTENSIONS", "PRESETS", "PRESET_NAMES",
-    "DatasetError", "DatasetInfo", "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader",
+    "DatasetError", "DatasetInfo", "DeviceJpegLoader", "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader",
     "ImageFileDataset", "ImageFolderLayout", "LoaderOptions", "Loaders",
     "ShardedTrainBatchSampler", "TensorEvalLoader", "TensorSplits", "TensorTrainLoader",
     "TrainLoader", "auto_num_workers", "available_cpus", "build_loaders", "check_preset",
