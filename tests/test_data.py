@@ -849,3 +849,26 @@ def test_cifar10_without_files_names_the_path(tmp_path: Path) -> None:
         loaders(dataset_config("cifar10", root=str(root), download=False))
     message = str(error.value)
     assert str(root) in message and "https://" in message and "imagefolder" in message
+
+
+def test_real_cifar10_jpegs_decode_alike_on_both_paths(shared_cifar: Path, tmp_path: Path) -> None:
+    # The batched decode_jpeg path (here on the CPU; on CUDA in a GPU run) against PIL on real
+    # JPEGs, with the imagenet preset's transforms at 32 pixels.
+    root = data.extract_image_folder(shared_cifar, tmp_path / "cifar", max_per_class=4,
+                                     max_test_per_class=2)
+    config = jpeg_config(root, image_size=32, num_classes=10)
+    options = data.LoaderOptions(global_batch=8, eval_batch=7, seed=3, device=CPU, rank=0,
+                                 world_size=1, num_workers=0)
+    layout = data.image_folder_layout(config)
+    train, test = data.device_jpeg_loaders(
+        *data.list_image_files(layout.train_dir, layout.classes, None),
+        *data.list_image_files(layout.test_dir, layout.classes, None),
+        image_size=32, augment=True, mean=config["mean"], std=config["std"], options=options)
+    cpu_train, cpu_test, _ = loaders(config, global_batch=8, eval_batch=7, seed=3)
+    for (a, labels_a), (b, labels_b) in zip(epoch_batches(cpu_train, 2), epoch_batches(train, 2),
+                                            strict=True):
+        assert torch.equal(labels_a, labels_b)
+        assert (to_uint8(a, config).float() - to_uint8(b, config).float()).abs().mean() < 2.0
+    for (a, labels_a), (b, labels_b) in zip(cpu_test, test, strict=True):
+        assert torch.equal(labels_a, labels_b)
+        assert torch.equal(to_uint8(a, config), to_uint8(b, config))  # 32x32: no resize at all
