@@ -6,20 +6,21 @@ Loaders yield `(images, labels)`: images float32 NCHW on the device, normalized 
 - `TensorTrainLoader` / `TensorEvalLoader` (synthetic, cifar10, cifar100, imagefolder with
   `preset: cifar`): the whole split is one uint8 tensor on the device and CIFAR augmentation
   (zero-pad 4, random 32x32 crop, horizontal flip) is a single batched gather, airbench style.
-- `FolderLoader` (imagefolder with `preset: imagenet`): files decoded by DataLoader workers
-  (JPEGs on the GPU when the run is on CUDA: `gpu_jpeg.py`), RandomResizedCrop + flip for
-  training, Resize(size * 256 / 224) + CenterCrop for evaluation.
+- `FolderLoader` (imagefolder with `preset: imagenet`): files decoded by DataLoader workers,
+  RandomResizedCrop + flip for training, Resize(size * 256 / 224) + CenterCrop for evaluation;
+  `DeviceJpegLoader` instead on CUDA when every file is a JPEG: workers read the bytes and each
+  batch is decoded and cropped on the GPU (`gpu_jpeg.py`).
 
-The package is split where pixels come from and how batches are drawn meet; imports go one
-way, top to bottom:
+The package is split along the seam between where pixels come from (`sources.py`) and how
+batches are drawn (`batches.py`). Imports go one way, down this list:
 
 - `__init__` (this file): `build_loaders`, the builder of each data set name.
-- `batches.py`: shuffling, sharding, augmentation, normalization (both loaders).
-- `gpu_jpeg.py`: batched JPEG decoding on CUDA for the folder loader.
+- `gpu_jpeg.py`: batched JPEG decoding on the device for the folder loader.
+- `batches.py`: shuffling, sharding, augmentation, normalization; the loaders.
 - `sources.py`: synthetic data, torchvision's CIFAR, image folders and their decoded cache.
-- `archives.py`: unpacking an image-folder archive.
-- `workers.py`: how many DataLoader workers `num_workers: auto` means here.
+- `archives.py`: unpacking an image-folder archive (scripts/prepare_data.py).
 - `presets.py`: the image-folder presets' defaults (image size, mean, std, stem).
+- `workers.py`: how many DataLoader workers `num_workers: auto` means here.
 - `base.py`: the error, `DatasetInfo`, `TensorSplits`, reading the config node, seeds.
 """
 
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 # A data set's builder: (dataset config node, options) -> loaders; see DATASET_BUILDERS.
 Builder = Callable[[Mapping[str, Any], LoaderOptions], Loaders]
+
 
 def _tensor_loaders(
     dataset: Mapping[str, Any], splits: TensorSplits, options: LoaderOptions
@@ -111,8 +113,10 @@ def _check_train_size(num_train: int, options: LoaderOptions) -> None:
             f"global batch {options.global_batch} is larger than the {num_train} training images"
         )
 
+
 def _build_synthetic(dataset: Mapping[str, Any], options: LoaderOptions) -> Loaders:
     return _tensor_loaders(dataset, synthetic_splits(dataset), options)
+
 
 def _cifar_builder(dataset_class_name: str) -> Builder:
     def build(dataset: Mapping[str, Any], options: LoaderOptions) -> Loaders:
@@ -129,6 +133,7 @@ def _cifar_builder(dataset_class_name: str) -> Builder:
         return _tensor_loaders(dataset, splits, options)
 
     return build
+
 
 def _image_folder_file_loaders(dataset: Mapping[str, Any], options: LoaderOptions) -> Loaders:
     layout = image_folder_layout(dataset)
@@ -185,6 +190,7 @@ def _build_image_folder(dataset: Mapping[str, Any], options: LoaderOptions) -> L
         return _image_folder_file_loaders(dataset, options)
     return _tensor_loaders(dataset, image_folder_tensors(dataset), options)
 
+
 # ----------------------------------------------------------------------------- entry point
 
 DATASET_BUILDERS: dict[str, Builder] = {
@@ -204,14 +210,14 @@ def build_loaders(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int | str = "auto",
+    num_workers: int | str,
 ) -> Loaders:
     """Training and evaluation loaders for this rank, and what the data set is.
 
     `dataset` is the config's dataset node; `global_batch` the images of one SGD step over all
     ranks (each rank yields global_batch // world_size per step); `seed` the run seed, which
     drives shuffling and augmentation (call `train_loader.set_epoch(epoch)` before each epoch);
-    `num_workers` the DataLoader processes of the file loader, or auto (`workers.py`). The
+    `num_workers` the DataLoader processes of the file loader, or "auto" (`workers.py`); the
     DatasetInfo says how many were used.
     """
     options = LoaderOptions(

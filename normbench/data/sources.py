@@ -62,6 +62,7 @@ _SYNTHETIC_BRIGHTNESS_STD = 0.05
 # Synthetic data: prototypes of unit std are scaled by this around mid-grey (0.5).
 _SYNTHETIC_AMPLITUDE = 0.15
 
+
 # ----------------------------------------------------------------------------- synthetic
 
 
