@@ -872,3 +872,19 @@ def test_real_cifar10_jpegs_decode_alike_on_both_paths(shared_cifar: Path, tmp_p
     for (a, labels_a), (b, labels_b) in zip(cpu_test, test, strict=True):
         assert torch.equal(labels_a, labels_b)
         assert torch.equal(to_uint8(a, config), to_uint8(b, config))  # 32x32: no resize at all
+
+
+def test_data_package_imports_go_one_way() -> None:
+    # Each module imports only modules below it in this order (normbench/data/__init__.py).
+    import ast
+
+    order = ["__init__", "gpu_jpeg", "batches", "sources", "archives", "presets", "workers",
+             "base"]
+    package = REPO / "normbench" / "data"
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order)
+    for module in order:
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        below = set(order[order.index(module) + 1:])
+        assert imported <= below, (module, imported - below)
