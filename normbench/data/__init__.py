@@ -239,12 +239,12 @@ def build_loaders(
 
 # The names other modules, scripts and tests import from `normbench.data`.
 __all__ = [
-    "CIFAR_CROP_PADDING", "DATASET_BUILDERS", "IMAGE_EXTENSIONS", "PRESETS", "PRESET_NAMES",
-    "DatasetError", "DatasetInfo", "DeviceJpegLoader", "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader",
-    "ImageFileDataset", "ImageFolderLayout", "LoaderOptions", "Loaders",
+    "CIFAR_CROP_PADDING", "DATASET_BUILDERS", "DatasetError", "DatasetInfo", "DeviceJpegLoader",
+    "EpochPlan", "EvalBatchSampler", "EvalLoader", "FolderLoader", "IMAGE_EXTENSIONS",
+    "ImageFileDataset", "ImageFolderLayout", "LoaderOptions", "Loaders", "PRESETS", "PRESET_NAMES",
     "ShardedTrainBatchSampler", "TensorEvalLoader", "TensorSplits", "TensorTrainLoader",
     "TrainLoader", "auto_num_workers", "available_cpus", "build_loaders", "check_preset",
-    "crop_and_flip", "derive_seed", "epoch_order", "eval_indices", "eval_order", "eval_shard",
+    "crop_and_flip", "derive_seed", "device_jpeg_loaders", "epoch_order", "eval_indices", "eval_order", "eval_shard",
     "extract_image_folder", "gather_windows", "image_folder_layout", "image_folder_tensors",
     "list_image_files", "normalize", "preset_default", "random_resized_crop_box",
     "register_preset_resolver", "resolve_num_workers", "synthetic_splits",

@@ -67,7 +67,8 @@ class EncodedImageDataset(torch.utils.data.Dataset):
             encoded = self.files[index].read_bytes()
         except OSError as error:
             raise DatasetError(f"cannot read image file {self.files[index]}: {error}") from error
-        return torch.frombuffer(bytearray(encoded), dtype=torch.uint8), self.labels[index], index, epoch
+        data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        return data, self.labels[index], index, epoch
 
 
 def _collate(
