@@ -76,6 +76,12 @@ def build_model_from_config(cfg: Mapping[str, Any], num_classes: int) -> torch.n
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for the first value that cannot be run."""
+    from .data import DATASET_BUILDERS, check_preset  # imported here: data pulls in torchvision
+    # The data set first: an image folder's preset decides model.stem, so a bad preset is
+    # named as dataset.preset, not as the model.stem that follows it.
+    _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
+    if cfg["dataset"]["name"] == "imagefolder":
+        check_preset(_require(cfg, "dataset.preset"))
     _check_choice(cfg, "norm.name", list(NORMS))
     _check_choice(cfg, "model.name", list(MODELS))
     _check_choice(cfg, "model.stem", STEMS)
@@ -84,8 +90,6 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_choice(cfg, "precision", PRECISIONS)
     _check_fast_paths(cfg)
     _check_choice(cfg, "wandb.mode", WANDB_MODES)
-    from .data import DATASET_BUILDERS  # imported here: data pulls in torchvision
-    _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
     batch = _check_int(cfg, "batch", 1)
     _check_int(cfg, "workers", 1)
     _check_int(cfg, "epochs", 1)

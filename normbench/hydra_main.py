@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench import distributed
 from normbench.config import ConfigError, run_name
-from normbench.data import DatasetError
+from normbench.data import DatasetError, register_preset_resolver
 from normbench.norms import NormConfigError
 from normbench.records import RecordsError
 from normbench.train import run
@@ -54,6 +54,7 @@ def _first_process_only(value: Any, otherwise: Any = None) -> Any:
 
 OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
 OmegaConf.register_new_resolver("first_process_only", _first_process_only, replace=True)
+register_preset_resolver()  # ${dataset_preset:...} in conf/dataset/imagefolder.yaml
 
 
 # The checkout's conf/ (an absolute path: Hydra reads a relative one inside a module as a package)

@@ -320,6 +320,7 @@ class Trainer:
             # what the run actually used where the config says auto
             "precision": precision_used(self.amp_dtype),
             "channels_last": self.memory_format == torch.channels_last,
+            "num_workers": self.data_info.num_workers,  # DataLoader processes (0: data on device)
             "machine": describe_machine(self.device),
             "processes": self.processes,
             "skipped_files": self.data_info.skipped_files,  # unreadable images skipped

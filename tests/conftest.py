@@ -13,8 +13,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from normbench.data.presets import register_preset_resolver
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+register_preset_resolver()  # as the Hydra entry point does: conf/dataset/imagefolder.yaml uses it
 
 # A run that takes seconds on a CPU: the smallest CIFAR ResNet on a small synthetic set.
 # TINY_RUN holds the settings that fit any data set; TINY adds the synthetic data's size.

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.fast_paths import use_channels_last
-from normbench.norms import set_total_steps
 from normbench.machine import cpu_features, cpu_has_bf16, cpu_model, gpu_model, package_versions
 from normbench.models import MODELS, build_model
-from normbench.norms import chunked_bn_variant, norm_options, use_chunked_bn
+from normbench.norms import chunked_bn_variant, norm_options, set_total_steps, use_chunked_bn
 from normbench.train import Trainer, autocast_dtype, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[2]
