@@ -6,7 +6,7 @@ has nothing for that figure); saving is the caller's business (normbench.report)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -19,15 +19,17 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from normbench.results import PAPER_GN_GROUP_CHANNELS, PAPER_GN_GROUPS  # noqa: E402
-
-# Columns summarize() adds; every other column of a summary is a key of the cell.
-STAT_COLUMNS = ("metric", "mean", "std", "count", "diverged", "failed", "incomplete")
-# Columns of load_curves() that are not keys of a learning curve.
-CURVE_VALUE_COLUMNS = (
-    "run_dir", "status", "seed", "epoch", "step", "train_loss", "train_error", "test_loss",
-    "test_error", "lr", "images_per_second", "epoch_time", "wall_time", "train_mode_test_error",
-    "bn_gap",
+# The grouping helpers live in normbench.results (tables use them too); plots only draw.
+from normbench.results import (  # noqa: E402
+    CURVE_VALUE_COLUMNS,
+    PAPER_GN_GROUP_CHANNELS,
+    PAPER_GN_GROUPS,
+    STAT_COLUMNS,
+    iter_series,
+    ordered_placements,
+    series_columns,
+    series_label,
+    varying_columns,
 )
 
 # Fixed colours so a norm looks the same in every figure and every report.
@@ -57,39 +59,6 @@ def norm_color(norm: object, index: int = 0) -> str:
     return NORM_COLORS.get(str(norm), f"C{index % 10}")
 
 
-def series_columns(frame: pd.DataFrame, exclude: Sequence[str]) -> list[str]:
-    """Return the key columns that tell one line from another: `norm` first, then others."""
-    keys = [c for c in frame.columns if c not in exclude]
-    return sorted(keys, key=lambda c: (c != "norm", c))
-
-
-def format_value(value: object) -> str:
-    """Return a config value as text: 32.0 (a number pandas made float) reads as 32."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def series_label(key: dict, varying: Sequence[str]) -> str:
-    """Return a legend label: the norm, plus `name=value` for other keys that vary."""
-    name = str(key.get("norm", "runs"))
-    shown = [c for c in varying if c != "norm" and not pd.isna(key[c])]
-    if "norm.group_channels" in shown:
-        # channels per group replaces the number of groups, which then only holds its default
-        shown = [c for c in shown if c != "norm.groups"]
-    details = [f"{column.split('.')[-1]}={format_value(key[column])}" for column in shown]
-    return f"{name} ({', '.join(details)})" if details else name
-
-
-def iter_series(frame: pd.DataFrame, keys: Sequence[str]) -> Iterator[tuple[dict, pd.DataFrame]]:
-    """Yield (key as {column: value}, rows) per line, in sorted order; missing values kept."""
-    if not keys:
-        yield {}, frame
-        return
-    for values, rows in frame.groupby(list(keys), dropna=False, sort=True):
-        yield dict(zip(keys, values, strict=True)), rows
-
-
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
 
@@ -112,10 +81,6 @@ def style_keys_of(frame: pd.DataFrame, keys: Sequence[str]) -> list[tuple]:
     return [tuple(str(v) for v in row) for row in values.itertuples(index=False)]
 
 
-def varying_columns(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    return [c for c in keys if frame[c].nunique(dropna=False) > 1]
-
-
 def set_batch_axis(ax: Axes, batches: Sequence[float]) -> None:
     """Log2 x axis with one tick per batch, largest batch on the left (the paper's Figure 1)."""
     batches = sorted({float(b) for b in batches})
@@ -125,14 +90,6 @@ def set_batch_axis(ax: Axes, batches: Sequence[float]) -> None:
     ax.xaxis.set_minor_locator(mticker.NullLocator())
     ax.set_xlim(max(batches) * 1.4, min(batches) / 1.4)
     ax.set_xlabel("batch per worker (images)")
-
-
-def ordered_placements(frame: pd.DataFrame) -> list:
-    """Return the placements in the frame, `before` (the usual conv -> norm -> act) first."""
-    if "placement" not in frame.columns:
-        return [None]
-    present = list(frame["placement"].dropna().unique())
-    return sorted(present, key=lambda p: (p != "before", p != "after", str(p)))
 
 
 def _panels(n: int, width: float = 5.5, height: float = 4.2,

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from normbench import plots
 from normbench.results import (
     KERAS_RESNET32_CIFAR10,
+    STAT_COLUMNS,
     KERAS_SOURCE,
     PAPER_GN_GROUP_CHANNELS,
     PAPER_GN_GROUPS,
@@ -30,9 +31,15 @@ from normbench.results import (
     PAPER_SOURCE,
     curves_of,
     extra_factors,
+    format_value,
+    iter_series,
     load_runs,
+    ordered_placements,
+    series_columns,
+    series_label,
     summarize,
     swept_columns,
+    varying_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -137,10 +144,10 @@ def _batches_descending(*frames: pd.DataFrame) -> list[int]:
 
 def _series(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Return (label, cells) per table row: norm plus any extra factor of the experiment."""
-    keys = plots.series_columns(summary, exclude=(*plots.STAT_COLUMNS, "batch", "placement"))
-    varying = plots.varying_columns(summary, keys)
-    return [(plots.series_label(key, varying), cells)
-            for key, cells in plots.iter_series(summary, keys)]
+    keys = series_columns(summary, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    varying = varying_columns(summary, keys)
+    return [(series_label(key, varying), cells)
+            for key, cells in iter_series(summary, keys)]
 
 
 def _cells_by_batch(cells: pd.DataFrame, batches: Sequence[int]) -> list[str]:
@@ -153,7 +160,7 @@ def results_tables(summary: pd.DataFrame) -> str:
     batches = _batches_descending(summary)
     header = ["norm", *[f"batch {b}" for b in batches]]
     sections = []
-    for placement in plots.ordered_placements(summary):
+    for placement in ordered_placements(summary):
         cells = summary if placement is None else summary[summary["placement"] == placement]
         rows = [[label, *_cells_by_batch(series, batches)] for label, series in _series(cells)]
         title = plots.PLACEMENT_TITLES.get(placement, f"placement {placement}")
@@ -176,7 +183,7 @@ def _ours_by_placement(summary: pd.DataFrame, norm: str, placements: Sequence) -
 def comparison_table(summary: pd.DataFrame, reference: pd.DataFrame, reference_name: str) -> str:
     """Return a table with our row and the reference row of each norm next to each other."""
     batches = _batches_descending(summary, reference)
-    placements = plots.ordered_placements(summary)
+    placements = ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"]) | set(reference["norm"])):
         for label, series in _ours_by_placement(summary, norm, placements):
@@ -203,7 +210,7 @@ def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFr
     if len(batches) < 2:
         return None
     base = batches[0]
-    placements = plots.ordered_placements(summary)
+    placements = ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"])):
         for label, series in _ours_by_placement(summary, norm, placements):
@@ -283,7 +290,7 @@ def settings_lines(runs: pd.DataFrame) -> list[str]:
     """Return markdown bullets: what was swept (with its values) and the key fixed settings."""
     lines = []
     for column in swept_columns(runs):
-        values = sorted({plots.format_value(v) for v in runs[column].dropna()}, key=_natural)
+        values = sorted({format_value(v) for v in runs[column].dropna()}, key=_natural)
         lines.append(f"- swept `{column}`: {', '.join(values)}")
     for column in KEY_SETTINGS:
         value = _single_value(runs, column)
