@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from normbench import plots
+from normbench import plots, tracking
 from normbench.results import (
     KERAS_RESNET32_CIFAR10,
     STAT_COLUMNS,
@@ -573,22 +573,64 @@ def render_report(
     return "\n".join(parts)
 
 
-def log_report_to_wandb(name: str, out_dir: Path, figure_paths: dict[str, Path],
-                        summary: pd.DataFrame) -> None:
-    """Log the figures and the summary table as one W&B run (offline unless WANDB_MODE says)."""
-    import wandb  # only needed here; keeps `import normbench.report` light
+def wandb_destination(runs: pd.DataFrame) -> dict[str, str | None]:
+    """Return the W&B project, entity and group the runs were logged to (their configs'
+    ``wandb.*``), where the report's own run goes too, so it sits beside them."""
+    destination: dict[str, str | None] = {}
+    for key in ("project", "entity", "group"):
+        column = f"wandb.{key}"
+        values = sorted({str(v) for v in runs[column].dropna()}) if column in runs.columns else []
+        if len(values) > 1:
+            raise ValueError(f"the runs were logged to several W&B {key}s ({', '.join(values)}; "
+                             f"config key {column}): report them one {key} at a time")
+        destination[key] = values[0] if values else None
+    if destination["project"] is None:
+        raise ValueError("the runs' configs record no wandb.project, so the report has no W&B "
+                         "project to log to")
+    return destination
 
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "normbench"),
-        name=f"report-{name}",
-        job_type="report",
-        mode=os.environ.get("WANDB_MODE", "offline"),
-        dir=str(out_dir),
-        config={"experiment": name},
-    )
-    images = {f"figures/{stem}": wandb.Image(str(path)) for stem, path in figure_paths.items()}
-    run.log({**images, "summary": wandb.Table(dataframe=summary)})
-    run.finish()
+
+def error_vs_batch_table(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return one row per cell for W&B to chart: `line` (the series' legend label, with the
+    placement when several), its keys (norm, placement, batch, ...), `median5_error` (mean over
+    completed seeds) and its `median5_error_std`, `final_error`, `seeds` (completed) and the
+    seeds that diverged, failed or are incomplete."""
+    median5, final = summaries["median5_error"], summaries["final_error"]
+    keys = series_columns(median5, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    cell_keys = [c for c in median5.columns if c not in STAT_COLUMNS]
+    # summarize() orders cells by their keys: both summaries hold the same cells in one order.
+    if not median5[cell_keys].equals(final[cell_keys]):
+        raise ValueError("the median5_error and final_error summaries hold different cells")
+    varying = varying_columns(median5, keys)
+    several_placements = len(ordered_placements(median5)) > 1
+    lines = []
+    for _, cell in median5.iterrows():
+        label = series_label({key: cell[key] for key in keys}, varying)
+        lines.append(f"{label}, {cell['placement']}" if several_placements else label)
+    table = median5[cell_keys].copy()
+    table.insert(0, "line", lines)
+    table["median5_error"] = median5["mean"]
+    table["median5_error_std"] = median5["std"]
+    table["final_error"] = final["mean"].to_numpy()
+    table["seeds"] = median5["count"]
+    for status in ("diverged", "failed", "incomplete"):
+        table[status] = median5[status]
+    return table
+
+
+def log_report_to_wandb(name: str, runs: pd.DataFrame, out_dir: Path,
+                        figure_paths: dict[str, Path], summaries: dict[str, pd.DataFrame]) -> str:
+    """Log the figures, the error-vs-batch table (with a W&B line chart of it) and the whole
+    summary as one W&B run of job_type `report`, in the runs' project and group; return the
+    W&B mode used (WANDB_MODE, offline by default). The run's files go to out_dir/wandb."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    tracking.log_report(
+        {**wandb_destination(runs), "mode": mode}, out_dir, name=f"report-{name}",
+        config={"experiment": name, "runs": len(runs)}, figures=figure_paths,
+        tables={"error_vs_batch": error_vs_batch_table(summaries),
+                "summary": pd.concat(summaries.values(), ignore_index=True)},
+        line_charts=[("error_vs_batch_chart", "error_vs_batch", "batch", "median5_error", "line")])
+    return mode
 
 
 def write_report(
@@ -608,7 +650,8 @@ def write_report(
         report's Discussion section, so regenerating the report keeps it.
     leave_out: metrics of OPTIONAL_METRICS to leave out of the tables, CSVs and figures (the
         report says so), e.g. where the records of a diagnostic are known to be wrong.
-    log_to_wandb: also log figures and the summary to one W&B run in out_dir/wandb.
+    log_to_wandb: also log figures and tables to one W&B run (files in out_dir/wandb), in the
+        runs' W&B project and group.
     """
     experiment_dir, out_dir = Path(experiment_dir), Path(out_dir)
     unknown = [m for m in leave_out if m not in OPTIONAL_METRICS]
@@ -651,6 +694,6 @@ def write_report(
     ))
     log.info("wrote %s", report_path)
     if log_to_wandb:
-        log_report_to_wandb(name, out_dir, figure_paths, summary)
-        log.info("logged figures and summary to W&B (mode %s)", os.environ.get("WANDB_MODE", "offline"))
+        mode = log_report_to_wandb(name, runs, out_dir, figure_paths, summaries)
+        log.info("logged figures and tables to W&B (mode %s)", mode)
     return report_path

@@ -15,6 +15,7 @@ from normbench import report
 # The run-folder fabricator lives in test_results.py; make it importable in any pytest import mode.
 sys.path.insert(0, str(Path(__file__).parent))
 from test_results import COMMAND, make_experiment, make_groups_experiment  # noqa: E402
+from wandb_files import offline_run, wandb_table  # noqa: E402
 
 from normbench import results  # noqa: E402
 
@@ -180,9 +181,23 @@ def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkey
     assert "results/toy/REPORT.md" in capsys.readouterr().out
     # the --command argument wins over the folder's command.txt
     assert "```bash\nmake toy\n```" in (out_dir / "REPORT.md").read_text()
-    offline_runs = list((out_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    assert list(offline_runs[0].glob("*.wandb"))
+    (run_file,) = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run = offline_run(run_file)
+    # The report's run sits beside the runs: their project and group, read from their configs.
+    assert (run["project"], run["group"], run["job_type"]) == ("normbench-toy", "toy", "report")
+    (logged,) = run["history"]
+    assert sorted(k for k in logged if k.startswith("figures/")) == [
+        "figures/bn_gap_vs_batch", "figures/error_vs_batch", "figures/training_curves_batch2",
+        "figures/training_curves_batch32"]
+    # The error-vs-batch table, and W&B's line chart of it, one line per norm.
+    table = logged["error_vs_batch"]
+    assert table["_type"] == "table-file" and table["nrows"] == 6
+    assert logged["error_vs_batch_chart_table"]["_type"] == "table-file"
+    rows = wandb_table(run_file.parent / "files" / table["path"])
+    bn = rows[rows["line"] == "bn"].set_index("batch")
+    assert list(bn.index) == [2, 8, 32]
+    assert bn.loc[32, "median5_error"] == pytest.approx(10.5)
+    assert bn.loc[2, "seeds"] == 1 and bn.loc[2, "diverged"] == 1
 
 
 def load_quietly(experiment_dir: Path) -> pd.DataFrame:

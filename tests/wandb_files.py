@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,8 @@ def records(path: Path) -> Iterator[Any]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[position:position + CHUNK_HEADER])
         chunk = data[position + CHUNK_HEADER:position + CHUNK_HEADER + length]
+        if len(chunk) < length:  # still being written
+            return
         position += CHUNK_HEADER + length
         if kind not in (FULL, FIRST, MIDDLE, LAST):
             raise ValueError(f"{path}: chunk of unknown type {kind} at byte {position}")
@@ -45,8 +48,18 @@ def records(path: Path) -> Iterator[Any]:
             yield record
 
 
-def offline_run(path: Path) -> dict[str, Any]:
-    """Return what an offline run holds: run id, group, job_type, tags, config, history rows."""
+def offline_run(path: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """Return what an offline run holds: run id, project, group, job_type, tags, config,
+    history rows, summary.
+
+    W&B writes the file in its own process, which may still be writing when ``finish()`` has
+    returned: this waits (up to ``timeout`` seconds) for the run's exit record, the last one.
+    """
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.1)
     run: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
     for record in records(path):
         kind = record.WhichOneof("record_type")
@@ -65,5 +78,22 @@ def offline_run(path: Path) -> dict[str, Any]:
 
 
 def _items(items) -> dict[str, Any]:
-    return {"/".join(item.nested_key) if item.nested_key else item.key: json.loads(item.value_json)
-            for item in items}
+    """Return {key: value} of config, history or summary items; W&B sends a nested value as
+    one item per leaf (``nested_key`` its path), which is nested again here."""
+    values: dict[str, Any] = {}
+    for item in items:
+        *parents, leaf = list(item.nested_key) or [item.key]
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = json.loads(item.value_json)
+    return values
+
+
+def wandb_table(path: Path) -> Any:
+    """Return a table a run logged (``files/<path>`` of its ``table-file`` entry) as a pandas
+    DataFrame."""
+    import pandas
+
+    table = json.loads(Path(path).read_text())
+    return pandas.DataFrame(table["data"], columns=table["columns"])
