@@ -436,7 +436,7 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
             reference, reference_label = PAPER_RESNET50_IMAGENET, "paper"
         elif is_cifar10(runs):
             reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
-        figures["error_vs_batch"] = plots.error_vs_batch(summary, reference=reference,
+        figures["error_vs_batch"] = plots.error_vs_batch(summary, runs=runs, reference=reference,
                                                          reference_label=reference_label)
     curves = curves_of(runs) if curves is None else curves
     if not curves.empty:
@@ -445,7 +445,8 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
     # A groups sweep is always a reproduction of the paper's Table 3, so its numbers are drawn too.
     figures["groups_ablation"] = plots.groups_ablation(summary, reference=True)
     if "bn_gap" in runs.columns:
-        figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by))
+        figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by),
+                                                           runs=runs)
     return {name: figure for name, figure in figures.items() if figure is not None}
 
 
