@@ -6,6 +6,7 @@ has nothing for that figure); saving is the caller's business (normbench.report)
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -98,6 +99,12 @@ def _panels(n: int, width: float = 5.5, height: float = 4.2,
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), sharey=sharey, squeeze=False,
                              layout="constrained")
     return fig, list(axes[0])
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """Set the figure's title, wrapped to the figure's width (about 10 characters per inch)."""
+    width = max(40, int(fig.get_figwidth() * 10))
+    fig.suptitle(textwrap.fill(text, width=width))
 
 
 def _metric_of(summary_df: pd.DataFrame, default: str = "median5_error") -> str:
@@ -283,7 +290,64 @@ def error_vs_batch(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     shown = seeds_phrase(summary_df) + ("; dots: single seeds" if seeds is not None else "")
-    fig.suptitle(title or f"Error vs batch per worker ({shown})")
+    _suptitle(fig, title or f"Error vs batch per worker ({shown})")
+    return fig
+
+
+def shape_vs_batch(
+    summary_df: pd.DataFrame,
+    references: Sequence[tuple[str, pd.DataFrame]] = (),
+    *,
+    title: str | None = None,
+) -> Figure | None:
+    """Each norm's error minus its own error at the largest batch we ran, against batch, a panel
+    per placement, with published (norm, batch, error) frames drawn the same way, dashed.
+
+    The paper's claim is this shape (BN's error grows as the batch shrinks, GN's stays flat),
+    and differences can share an axis with published ones whose error level is elsewhere.
+    references: (label, frame) pairs; a reference norm is drawn when we ran that norm and the
+    reference has our base batch. Returns None with fewer than two batches.
+    """
+    batches = sorted({float(b) for b in summary_df["batch"]}, reverse=True)
+    if len(batches) < 2:
+        return None
+    base = batches[0]
+    keys = series_columns(summary_df, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    varying = varying_columns(summary_df, keys)
+    placements = ordered_placements(summary_df)
+    fig, axes = _panels(len(placements))
+    for ax, placement in zip(axes, placements, strict=True):
+        cells = summary_df
+        if placement is not None:
+            cells = summary_df[summary_df["placement"] == placement]
+        styles = style_keys_of(cells, keys)
+        for index, (key, rows) in enumerate(iter_series(cells, keys)):
+            line = _on_grid(rows, "batch", batches)["mean"]
+            if pd.isna(line.loc[base]):  # nothing to be relative to
+                continue
+            ax.plot(line.index, line - line.loc[base], color=norm_color(key.get("norm"), index),
+                    label=series_label(key, varying), **line_style(key, styles))
+        for reference_index, (label, reference) in enumerate(references):
+            for index, (norm, rows) in enumerate(reference.groupby("norm", sort=True)):
+                errors = rows.set_index(rows["batch"].astype(float))["error"]
+                errors = errors.sort_index(ascending=False)
+                if norm not in set(cells["norm"]) or base not in errors.index or len(errors) < 2:
+                    continue
+                ax.plot(errors.index, errors - errors.loc[base], color=norm_color(norm, index),
+                        linestyle=LINESTYLES[1 + reference_index % 3], linewidth=1, marker=".",
+                        label=f"{norm} ({label})", gid="reference")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_title(PLACEMENT_TITLES.get(placement, f"placement {placement}") if placement else "")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        # Ticks where we ran: published batches we did not run are drawn without a tick, and
+        # our lines only join batches we ran.
+        set_batch_axis(ax, batches)
+    metric = METRIC_LABELS.get(_metric_of(summary_df), "error (%)").replace(" (%)", "")
+    axes[0].set_ylabel(f"{metric}\nminus its value at batch {base:g} (points)")
+    _suptitle(fig, title or f"Shape: error relative to batch {base:g} "
+                          f"(ours: {seeds_phrase(summary_df, 'mean')}; dashed: published)")
     return fig
 
 
@@ -334,7 +398,7 @@ def training_curves(
         ax.legend(fontsize=8)
     shown = ("one seed per line" if seed_counts == {1}
              else "mean over the seeds of each line, n in the legend; faint: single seeds")
-    fig.suptitle(title or f"Error curves at batch {batch} per worker ({shown})")
+    _suptitle(fig, title or f"Error curves at batch {batch} per worker ({shown})")
     return fig
 
 
@@ -422,7 +486,7 @@ def groups_ablation(
             ref_ax.grid(True, alpha=0.3)
             ref_ax.legend(fontsize=8)
         (grid[-1][column_index]).set_xlabel(xlabel)
-    fig.suptitle(title or f"Group Normalization: groups ablation ({seeds_phrase(cells)})")
+    _suptitle(fig, title or f"Group Normalization: groups ablation ({seeds_phrase(cells)})")
     return fig
 
 
@@ -452,5 +516,5 @@ def bn_gap_vs_batch(summary_df: pd.DataFrame, *, runs: pd.DataFrame | None = Non
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     shown = seeds_phrase(cells) + ("; dots: single seeds" if seeds is not None else "")
-    fig.suptitle(title or f"Batch-statistics gap vs batch per worker ({shown})")
+    _suptitle(fig, title or f"Batch-statistics gap vs batch per worker ({shown})")
     return fig

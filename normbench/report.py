@@ -199,6 +199,15 @@ def _signed(value: float) -> str:
     return MISSING if pd.isna(value) else f"{value:+.2f}"
 
 
+def shape_references(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Return the published (name, frame) pairs whose shape ours is compared with: the paper's
+    ResNet-50 ImageNet numbers always, the Keras ResNet-32 ones for CIFAR-10."""
+    references = [("paper, ResNet-50 ImageNet", PAPER_RESNET50_IMAGENET)]
+    if is_cifar10(runs):
+        references.append(("Keras ResNet-32 CIFAR-10", KERAS_RESNET32_CIFAR10))
+    return references
+
+
 def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
     """Return each norm's error at every batch minus its own error at the largest batch, ours
     (mean over completed seeds) beside the references' (name, frame) with the same base batch.
@@ -438,6 +447,7 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
             reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
         figures["error_vs_batch"] = plots.error_vs_batch(summary, runs=runs, reference=reference,
                                                          reference_label=reference_label)
+        figures["shape_vs_batch"] = plots.shape_vs_batch(summary, shape_references(runs))
     curves = curves_of(runs) if curves is None else curves
     if not curves.empty:
         for batch in sorted({int(summary["batch"].max()), int(summary["batch"].min())}, reverse=True):
@@ -467,6 +477,8 @@ def save_figures(figures: dict[str, Figure], figure_dir: Path) -> dict[str, Path
 FIGURE_CAPTIONS = {
     "error_vs_batch": "Error against batch per worker (as the paper's Figure 1). x marks a cell "
                       "where seeds diverged.",
+    "shape_vs_batch": "Each norm's error minus its own error at the largest batch, ours (solid) "
+                      "beside the published numbers (dashed): the shape the paper claims.",
     "groups_ablation": "GN error against number of groups and channels per group (as the paper's "
                        "Table 3).",
     "bn_gap_vs_batch": "Test error with batch statistics minus test error with running statistics.",
@@ -536,10 +548,7 @@ def render_report(
                   "from ours: compare the shape across batches, not the level.", "",
                   comparison_table(median5, KERAS_RESNET32_CIFAR10, "Keras ResNet-32"), ""]
 
-    references = [("paper, ResNet-50 ImageNet", PAPER_RESNET50_IMAGENET)]
-    if is_cifar10(runs):
-        references.append(("Keras ResNet-32 CIFAR-10", KERAS_RESNET32_CIFAR10))
-    shape = shape_table(median5, references)
+    shape = shape_table(median5, shape_references(runs))
     if shape:
         base = _batches_descending(median5)[0]
         parts += [f"## Shape: error relative to batch {base}", "",

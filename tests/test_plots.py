@@ -56,6 +56,11 @@ def errorbars(ax) -> dict[str, tuple[list, list]]:
     return found
 
 
+def title_of(fig) -> str:
+    """The figure's title on one line (it is wrapped to the figure's width)."""
+    return " ".join(fig.get_suptitle().split())
+
+
 def mean_lines(ax) -> list:
     """The lines of a panel that are in its legend (not the faint single seeds)."""
     return [line for line in ax.lines if not line.get_label().startswith("_")]
@@ -78,7 +83,7 @@ def test_error_vs_batch_panel_per_placement_line_per_norm(two_placements):
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn", "gn"]
         assert "batch per worker" in ax.get_xlabel()
     assert "median of last 5" in before.get_ylabel()
-    assert fig.get_suptitle()
+    assert title_of(fig)
     # Means over completed seeds, largest batch first.
     assert errorbars(before)["bn"] == ([32, 8, 2], pytest.approx([10.5, 13.0, 30.0]))
     assert errorbars(after)["gn"] == ([32, 8, 2], pytest.approx([12.5, 13.0, 13.0]))
@@ -153,16 +158,16 @@ def test_error_vs_batch_shows_every_seed_as_a_dot(one_placement):
                                              (32, 11.0)]
     assert dots[plots.NORM_COLORS["gn"]] == [(2, 12.0), (8, 11.5), (8, 12.5), (32, 11.0),
                                              (32, 12.0)]
-    assert "dots: single seeds" in fig.get_suptitle()
+    assert "dots: single seeds" in title_of(fig)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn", "gn"]  # dots not in it
 
 
 def test_error_vs_batch_title_says_one_seed_when_there_is_one(one_placement):
     one_seed = one_placement[one_placement["seed"] == 0]
-    title = plots.error_vs_batch(results.summarize(one_seed)).get_suptitle()
+    title = title_of(plots.error_vs_batch(results.summarize(one_seed)))
     assert "one seed per cell" in title and "std" not in title
     # bn's batch-2 cell has one completed seed (the other diverged), the other cells two
-    title = plots.error_vs_batch(results.summarize(one_placement)).get_suptitle()
+    title = title_of(plots.error_vs_batch(results.summarize(one_placement)))
     assert "mean ± std over 1 to 2 seeds per cell" in title
 
 
@@ -185,13 +190,41 @@ def test_error_vs_batch_draws_reference_for_our_norms_in_its_own_panel(one_place
 
 
 def test_error_vs_batch_reference_far_away_does_not_squash_our_lines(two_placements):
-    far = results.PAPER_RESNET50_IMAGENET.assign(error=results.PAPER_RESNET50_IMAGENET["error"] + 40)
+    paper = results.PAPER_RESNET50_IMAGENET
+    far = paper.assign(error=paper["error"] + 40)
     fig = plots.error_vs_batch(results.summarize(two_placements), reference=far)
     before, after, theirs = fig.axes
     # our panels share their y axis with each other, not with the published one
     assert before.get_ylim() == after.get_ylim()
     assert before.get_ylim()[1] < 40 < 60 < theirs.get_ylim()[0]
     assert references(before) == references(after) == {}
+
+
+# --------------------------------------------------------------------------- shape_vs_batch
+
+
+def test_shape_vs_batch_puts_our_differences_beside_the_published_ones(two_placements):
+    paper = results.PAPER_RESNET50_IMAGENET
+    far = paper.assign(error=paper["error"] + 40)
+    fig = plots.shape_vs_batch(results.summarize(two_placements),
+                               [("paper", far), ("Keras", results.KERAS_RESNET32_CIFAR10)])
+    before, after = fig.axes
+    ours = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in before.lines if line.get_gid() is None and line.get_label()[0] != "_"}
+    # each norm minus its own error at batch 32: bn 10.5 -> 13.0 -> 30.0
+    assert ours["bn"] == ([32, 8, 2], pytest.approx([0.0, 2.5, 19.5]))
+    assert ours["gn"] == ([32, 8, 2], pytest.approx([0.0, 0.5, 0.5]))
+    # the published differences, whatever their level (40 points up here): 34.7 - 23.6 for bn
+    theirs = references(before)
+    assert theirs["bn (paper)"] == pytest.approx([0.0, 0.1, 1.2, 3.7, 11.1])
+    assert theirs["gn (Keras)"] == pytest.approx([0.0, 0.24, 0.18, -0.02, 0.16])
+    assert references(after) == theirs
+    assert "batch 32" in title_of(fig) and "dashed: published" in title_of(fig)
+
+
+def test_shape_vs_batch_none_with_one_batch(one_placement):
+    one_batch = one_placement[one_placement["batch"] == 32]
+    assert plots.shape_vs_batch(results.summarize(one_batch)) is None
 
 
 # --------------------------------------------------------------------------- training_curves
@@ -203,7 +236,7 @@ def test_training_curves_two_panels_line_per_norm(one_placement):
     train, test = fig.axes
     assert (train.get_title(), test.get_title()) == ("train error", "test error")
     assert train.get_xlabel() == "epoch" and "%" in test.get_ylabel()
-    assert "batch 32" in fig.get_suptitle()  # the default is the largest batch
+    assert "batch 32" in title_of(fig)  # the default is the largest batch
     for ax in fig.axes:
         assert [line.get_label() for line in mean_lines(ax)] == ["bn, n=2", "gn, n=2"]
     gn_test = mean_lines(test)[1]
@@ -214,7 +247,7 @@ def test_training_curves_two_panels_line_per_norm(one_placement):
     gn_seeds = [list(line.get_ydata()) for line in test.lines
                 if line.get_gid() == "seeds" and line.get_color() == gn_test.get_color()]
     assert gn_seeds == [pytest.approx(curve(11.0)), pytest.approx(curve(12.0))]
-    assert "n in the legend" in fig.get_suptitle()
+    assert "n in the legend" in title_of(fig)
 
 
 def test_training_curves_leave_out_diverged_and_failed_runs(one_placement):
@@ -222,7 +255,7 @@ def test_training_curves_leave_out_diverged_and_failed_runs(one_placement):
     test = fig.axes[1]
     bn, gn = test.lines  # one seed each: no faint seed lines
     assert (bn.get_label(), gn.get_label()) == ("bn, n=1", "gn, n=1")
-    assert "one seed per line" in fig.get_suptitle()
+    assert "one seed per line" in title_of(fig)
     assert list(bn.get_ydata()) == pytest.approx(curve(30.0))  # the diverged seed is left out
     assert list(gn.get_ydata()) == pytest.approx(curve(12.0))  # the failed seed is left out
 

@@ -58,8 +58,8 @@ def test_report_writes_tables_and_figures(cifar_report):
     cell = summary[(summary["metric"] == "median5_error") & (summary["norm"] == "bn")
                    & (summary["batch"] == 32)].iloc[0]
     assert (cell["mean"], cell["count"]) == (pytest.approx(10.5), 2)
-    for stem in ("error_vs_batch", "training_curves_batch32", "training_curves_batch2",
-                 "bn_gap_vs_batch"):
+    for stem in ("error_vs_batch", "shape_vs_batch", "training_curves_batch32",
+                 "training_curves_batch2", "bn_gap_vs_batch"):
         for suffix in (".png", ".svg"):
             path = out_dir / "figures" / f"{stem}{suffix}"
             assert path.stat().st_size > 1000, path
@@ -187,8 +187,8 @@ def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkey
     assert (run["project"], run["group"], run["job_type"]) == ("normbench-toy", "toy", "report")
     (logged,) = run["history"]
     assert sorted(k for k in logged if k.startswith("figures/")) == [
-        "figures/bn_gap_vs_batch", "figures/error_vs_batch", "figures/training_curves_batch2",
-        "figures/training_curves_batch32"]
+        "figures/bn_gap_vs_batch", "figures/error_vs_batch", "figures/shape_vs_batch",
+        "figures/training_curves_batch2", "figures/training_curves_batch32"]
     # The error-vs-batch table, and W&B's line chart of it, one line per norm.
     table = logged["error_vs_batch"]
     assert table["_type"] == "table-file" and table["nrows"] == 6
