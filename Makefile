@@ -40,7 +40,8 @@ demo: setup
 CIFAR10 = $(PY) run.py -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
 cifar10: setup
 	$(PY) scripts/prepare_data.py
-	$(CIFAR10) seed=0 batch=32,2
+	$(CIFAR10) seed=0 batch=32
+	$(CIFAR10) seed=0 batch=2
 	$(CIFAR10) seed=0 batch=16,8,4
 	$(CIFAR10) seed=0 norm=ln,in batch=32,2
 	$(CIFAR10) seed=0 placement=after batch=32,2

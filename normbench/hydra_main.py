@@ -1,0 +1,104 @@
+"""The Hydra entry point: one run, or a sweep with -m. Hydra stays here, at the edge of the library.
+
+    normbench train norm=gn batch=2                     # one run (also: python run.py norm=gn batch=2)
+    normbench train -m norm=bn,gn batch=32,8,2          # a sweep
+    normbench train -m experiment=demo                  # a named sweep from experiments/
+
+The run folder is runs/<experiment>/<norm>_b<batch>x<workers>_<placement>_s<seed>_<hash>, the hash
+being of the config, so relaunching the same command finds its folders: finished runs are skipped
+and interrupted ones resume from their checkpoints.
+
+Several processes (one per GPU) train one run with DistributedDataParallel:
+
+    torchrun --nproc_per_node=4 run.py norm=gn batch=2        # 4 processes x 2 virtual workers
+    normbench train -m hydra/launcher=slurm hydra.launcher.gpus_per_node=4 norm=bn,gn  # SLURM
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from normbench import distributed
+from normbench.config import ConfigError, run_name
+from normbench.data import DatasetError
+from normbench.norms import NormConfigError
+from normbench.records import RecordsError
+from normbench.train import run
+
+log = logging.getLogger("normbench")
+
+
+def _run_name_resolver(*, _root_: DictConfig) -> str:
+    # Resolved for hydra.run.dir / hydra.sweep.subdir: hash the job's config without the hydra
+    # node (which holds this very interpolation).
+    job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
+    return run_name(OmegaConf.to_container(job, resolve=True))
+
+
+def _first_process_only(value: Any, otherwise: Any = None) -> Any:
+    # For Hydra's own output (conf/config.yaml: .hydra/, run.log, log level): `value` in the
+    # first process of a multi-process launch (or the only process), `otherwise` in the others,
+    # so that they leave nothing in the run folder. The rank comes from the environment: Hydra
+    # resolves this before the process group exists, also inside SLURM jobs.
+    return value if distributed.launch_rank() == 0 else otherwise
+
+
+OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
+OmegaConf.register_new_resolver("first_process_only", _first_process_only, replace=True)
+
+
+# The checkout's conf/ (an absolute path: Hydra reads a relative one inside a module as a package)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # torchrun / SLURM with several processes: join them (nothing happens in a single process)
+    distributed.start_process_group(config["device"])
+    run_dir = agreed_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        summary = run(config, run_dir)
+    except (ConfigError, NormConfigError, RecordsError, DatasetError) as error:
+        # A bad value or an unusable folder: one clear line, no traceback.
+        log.error("%s", error)
+        if in_sweep:
+            return None  # the sweep goes on; the run folder says why this cell failed
+        sys.exit(2)
+    except Exception:
+        if in_sweep:
+            log.exception("run %s failed; the sweep goes on", run_dir)
+            return None
+        raise
+    log.info("%s: %s (%s), final error %s, median of last 5 %s", run_dir, summary["status"],
+             summary["outcome"], _fmt(summary["final_error"]), _fmt(summary["median5_error"]))
+    return summary["final_error"]
+
+
+def agreed_run_dir(own: Path) -> Path:
+    """The first process's run folder, for every process. They differ only when the folder
+    depends on the time or the process (e.g. hydra.run.dir=outputs/${now:%H-%M-%S}); then the
+    empty folder Hydra made for this process is removed."""
+    agreed = distributed.first_process_decides(lambda: own)
+    if agreed != own:
+        with contextlib.suppress(OSError):  # not empty: not made by Hydra for us, keep it
+            own.rmdir()
+    return agreed
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+if __name__ == "__main__":
+    main()
