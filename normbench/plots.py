@@ -20,12 +20,14 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-# The grouping helpers live in normbench.results (tables use them too); plots only draw.
+# The grouping helpers live in normbench.results (tables use them too); plots only draw. They
+# stay importable from here for older callers.
 from normbench.results import (  # noqa: E402
     CURVE_VALUE_COLUMNS,
     PAPER_GN_GROUP_CHANNELS,
     PAPER_GN_GROUPS,
     STAT_COLUMNS,
+    format_value,  # noqa: F401  (re-exported)
     iter_series,
     ordered_placements,
     series_columns,

@@ -23,12 +23,12 @@ from matplotlib.figure import Figure
 from normbench import plots, tracking
 from normbench.results import (
     KERAS_RESNET32_CIFAR10,
-    STAT_COLUMNS,
     KERAS_SOURCE,
     PAPER_GN_GROUP_CHANNELS,
     PAPER_GN_GROUPS,
     PAPER_RESNET50_IMAGENET,
     PAPER_SOURCE,
+    STAT_COLUMNS,
     curves_of,
     extra_factors,
     format_value,
