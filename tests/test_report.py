@@ -285,3 +285,14 @@ def test_report_can_leave_out_a_diagnostic(tmp_path):
     assert (tmp_path / "all" / "figures" / "bn_gap_vs_batch.png").exists()
     with pytest.raises(ValueError, match="cannot leave out 'test_error'.*bn_gap, train_mode_test_error"):
         report.write_report(experiment_dir, out_dir, leave_out=["test_error"])
+
+
+def test_report_refuses_wandb_logging_for_runs_of_several_projects(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    assert report.wandb_destination(runs) == {"project": "normbench-toy", "entity": None,
+                                              "group": "toy"}
+    runs.loc[runs.index[0], "wandb.project"] = "elsewhere"
+    with pytest.raises(ValueError, match="several W&B projects .*elsewhere, normbench-toy"):
+        report.wandb_destination(runs)
+    with pytest.raises(ValueError, match="no wandb.project"):
+        report.wandb_destination(runs.drop(columns=["wandb.project"]))

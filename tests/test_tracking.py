@@ -90,3 +90,29 @@ def test_resumed_run_holds_every_epoch_once_in_its_newest_offline_run(tmp_path, 
     assert [row["test_error"] for row in second["history"][:2]] == pytest.approx(
         [row["test_error"] for row in first["history"]])
     assert second["summary"]["status"] == "completed"
+
+
+class FakeResumedRun:
+    """What wandb.init returns for a run resumed online after epoch 2: it expects step 3 next."""
+
+    id = "resumed1"
+    starting_step = 3
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_resumed_online_run_gets_only_the_epochs_it_lacks(tmp_path, monkeypatch):
+    # Online W&B resumes the run itself: logging its epochs again would be dropped (steps must
+    # increase), so only the epochs after its last step are logged from the checkpoint.
+    run = FakeResumedRun()
+    monkeypatch.setattr(tracking, "_start", lambda settings, run_dir, **init: run)
+    cfg = compose_config(TINY + ["wandb.mode=online"])
+    history = [{"epoch": epoch, "test_error": 50.0 - epoch} for epoch in (1, 2, 3, 4)]
+    tracker = tracking.Tracker(cfg["wandb"], tmp_path, cfg, run_id="resumed1", history=history)
+    assert tracker.run_id == "resumed1"
+    assert [step for _, step in run.logged] == [3, 4]
+    assert run.logged[0][0] == {"epoch": 3, "test_error": 47.0}
