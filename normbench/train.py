@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
+from .config import (ConfigError, build_model_from_config, config_differences,
                      run_name, validate_config)
 from .archive import FINISHED, archive_folder, archive_run, archived_summary, commit_archive
 from .bn_eval import dedicated_epoch, statistics_batch
@@ -386,8 +386,8 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         outcome = "resumed"
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
     wandb_settings = cfg["wandb"] if is_first_process() else {**cfg["wandb"], "mode": "disabled"}
-    tracker = Tracker(wandb_settings, folder.path, {**flat_config(cfg), "config": dict(cfg)},
-                      run_id=trainer.wandb_id, name=run_name(cfg))
+    tracker = Tracker(wandb_settings, folder.path, cfg, run_id=trainer.wandb_id,
+                      name=run_name(cfg), history=trainer.history)
     trainer.wandb_id = tracker.run_id
     try:
         summary = trainer.fit(tracker)

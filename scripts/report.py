@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--leave-out", action="append", default=[], choices=OPTIONAL_METRICS,
                         help="leave a diagnostic out of the report (repeatable; say why in --notes)")
     parser.add_argument("--wandb", action="store_true",
-                        help="also log figures and summary to W&B (WANDB_MODE, default offline)")
+                        help="also log figures and tables to W&B, in the runs' project and group "
+                             "(WANDB_MODE, default offline)")
     args = parser.parse_args(argv)
     if args.notes is not None and not args.notes.is_file():
         parser.error(f"--notes {str(args.notes)!r} is not a file")
