@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+NORMBENCH := $(VENV)/bin/normbench
 # The torch build: this pair installs from the local disk on the project's machines (a CUDA build
 # that also runs on the CPU). Override on other machines, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -20,33 +21,33 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'   # editable: the command reads this checkout's conf/
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) run.py -m experiment=demo
-	$(PY) scripts/report.py runs/demo --out results/demo
+	$(NORMBENCH) train -m experiment=demo
+	$(NORMBENCH) report runs/demo --out results/demo
 
 # The paper's Figure 1 on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), sized for 2 CPU
 # cores: experiments/cifar10_cpu.yaml, 2 runs at a time with one torch thread each. One seed at a
 # time, so an interrupted session leaves whole seeds; relaunching skips what finished.
 SEEDS ?= 0 1
 cifar10-cpu: setup
-	$(PY) scripts/prepare_data.py
+	$(NORMBENCH) prepare-data
 	for seed in $(SEEDS); do \
-	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed && \
-	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
+	  $(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed && \
+	  $(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
 	    norm=bn,gn8 batch=32,2 placement=after || exit 1; \
 	done
 	# control: bn and gn at batch 32 and 2 with 3x the epochs (3x the SGD steps), its own folder
-	$(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=0 \
+	$(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=0 \
 	  norm=bn,gn8 batch=32,2 epochs=30 experiment_name=cifar10_cpu_long
 	# (the committed reports add --notes with the discussion of their own runs: see their
 	# "Regenerate this report" line)
-	$(PY) scripts/report.py runs/cifar10_cpu --out results/cifar10_cpu
-	$(PY) scripts/report.py runs/cifar10_cpu_long --out results/cifar10_cpu_long
+	$(NORMBENCH) report runs/cifar10_cpu --out results/cifar10_cpu
+	$(NORMBENCH) report runs/cifar10_cpu_long --out results/cifar10_cpu_long
 
 test: setup
 	$(PY) -m pytest -q
@@ -59,7 +60,7 @@ test-all: setup
 
 EXP ?= demo
 report: setup
-	$(PY) scripts/report.py runs/$(EXP) --out results/$(EXP)
+	$(NORMBENCH) report runs/$(EXP) --out results/$(EXP)
 
 bench: setup
 	$(PY) scripts/bench.py --out results/bench
