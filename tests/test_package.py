@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -58,15 +57,19 @@ def build_wheel(out: Path) -> Path:
 
 def fresh_venv_with(wheel: Path, venv: Path) -> Path:
     """A new virtual environment holding only the wheel; torch, Hydra and the other dependencies
-    come from this interpreter's site-packages through a .pth file, added after the install so
-    that pip never sees (nor touches) them. Returns the environment's bin folder."""
+    come from this interpreter's site-packages through a .pth file (offline, and no second copy
+    of torch), added after the install so that pip never sees (nor touches) them. Returns the
+    environment's bin folder."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
          "--no-index", str(wheel)], cwd=venv)
     venv_site = Path(run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                          cwd=venv).stdout.strip())
-    (venv_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # every site-packages folder this interpreter imports from (its own, and any it reaches
+    # through a .pth file of its own)
+    dependencies = [path for path in sys.path if Path(path).name == "site-packages"]
+    (venv_site / "dependencies.pth").write_text("\n".join(dependencies) + "\n")
     return venv / "bin"
 
 
