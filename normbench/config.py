@@ -28,7 +28,8 @@ WANDB_MODES = ("online", "offline", "disabled")
 # data does not start the run again. The fast paths (channels_last, compile) are among them:
 # like the device they change floating-point rounding, not results (normbench/fast_paths.py).
 NON_RUN_KEYS = ("experiment_name", "out_root", "wandb", "progress", "device", "num_workers",
-                "threads", "eval_batch", "channels_last", "compile", "compile_mode")
+                "threads", "eval_batch", "channels_last", "compile", "compile_mode",
+                "archive_dir", "archive_commit")
 NON_RUN_DATASET_KEYS = ("root", "cache_dir", "download")
 
 
@@ -90,6 +91,13 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "seed", 0)
     _check_int(cfg, "eval_batch", 1)
+    archive_dir = _require(cfg, "archive_dir")
+    if archive_dir is not None and (not isinstance(archive_dir, str) or not archive_dir.strip()):
+        raise ConfigError(f"archive_dir={archive_dir!r} is not allowed; it must be a folder path "
+                          f"or null")
+    if not isinstance(_require(cfg, "archive_commit"), bool):
+        raise ConfigError(f"archive_commit={cfg['archive_commit']!r} is not allowed; choose one "
+                          f"of: true, false")
     if _require(cfg, "threads") is not None:
         _check_int(cfg, "threads", 1)
     _check_choice(cfg, "bn_eval", BN_EVAL_MODES)

@@ -205,6 +205,15 @@ def sum_over_processes(values: list[float]) -> list[float]:
     return totals.tolist()
 
 
+def min_over_processes(value: float) -> float:
+    """The smallest of the processes' values (float64: exact for integers below 2**53)."""
+    if world_size() == 1:
+        return value
+    smallest = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return smallest.item()
+
+
 def average_over_processes(metrics: Mapping[str, float], images: int) -> dict[str, float]:
     """Per-image averages measured on ``images`` images here -> the same averages over all
     processes' images (each process's value weighted by its number of images)."""
@@ -250,5 +259,5 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 __all__ = ["Launch", "MULTI_PROCESS_DEVICES", "average_over_processes",
            "average_running_statistics", "check_process_count", "data_parallel",
            "first_process_decides", "is_first_process", "job_port", "launch_from_environment",
-           "launch_rank", "rank", "start_process_group", "sum_over_processes", "uses_cuda",
+           "launch_rank", "min_over_processes", "rank", "start_process_group", "sum_over_processes", "uses_cuda",
            "world_size"]

@@ -61,14 +61,18 @@ def batches_of_whole_chunks(loader: Iterable, chunk: int
 
 def _score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, int]],
            autocast: Autocast) -> dict[str, float]:
-    loss_sum, wrong, seen = 0.0, 0, 0
+    # Summed on the device and read once: a read per batch would make the GPU wait each time.
+    loss_sum = wrong = None
+    seen = 0
     for images, labels, scored in batches:
         with autocast():
             logits = model(images)[:scored]
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        wrong += (logits.argmax(1) != labels).sum().item()
+        batch_loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        batch_wrong = (logits.argmax(1) != labels).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        wrong = batch_wrong if wrong is None else wrong + batch_wrong
         seen += labels.numel()
-    return {"test_loss": loss_sum / seen, "test_error": 100.0 * wrong / seen}
+    return {"test_loss": loss_sum.item() / seen, "test_error": 100.0 * wrong.item() / seen}
 
 
 @torch.no_grad()

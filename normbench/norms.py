@@ -149,6 +149,13 @@ class BatchStatistics:
         """Advance the layer's step counter, if it has one."""
 
 
+def _dot_over_pixels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) over the last (pixel) dim, in the inputs' precision: autocast would run
+    vecdot in bf16 (it is on autocast's lower-precision list), and statistics need fp32."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.linalg.vecdot(a, b, dim=3)
+
+
 def _as_chunks(t: torch.Tensor, workers: int) -> torch.Tensor:
     """(N, C, H, W) as (W, N / W, C, H * W): a view for NCHW and channels_last tensors."""
     return t.unflatten(0, (workers, -1)).flatten(3)
@@ -193,7 +200,7 @@ class ChunkBatchNorm(torch.autograd.Function):
         out = torch.empty_like(x, dtype=chunks.dtype)  # NCHW or channels_last, as x
         y = _as_chunks(out, workers)  # a view: what is written to y lands in `out`
         torch.sub(chunks, mean, out=y)
-        var = torch.linalg.vecdot(y, y, dim=3).sum(1, keepdim=True).mul_(inv_n)  # (W, 1, C)
+        var = _dot_over_pixels(y, y).sum(1, keepdim=True).mul_(inv_n)  # (W, 1, C)
         invstd = (var + eps).rsqrt_().unsqueeze(3)
         y.mul_(invstd * weight.view(1, 1, -1, 1)).add_(bias.view(1, 1, -1, 1))
         ctx.save_for_backward(x, mean, invstd, weight)
@@ -214,7 +221,7 @@ class ChunkBatchNorm(torch.autograd.Function):
         g = full_precision(_as_chunks(grad_y, workers))
         d = full_precision(_as_chunks(x, workers)) - mean  # becomes dx in place
         sum_g = g.sum(dim=(1, 3), keepdim=True)  # (W, 1, C, 1)
-        sum_g_xhat = torch.linalg.vecdot(g, d, dim=3).sum(1, keepdim=True).unsqueeze(3)
+        sum_g_xhat = _dot_over_pixels(g, d).sum(1, keepdim=True).unsqueeze(3)
         sum_g_xhat.mul_(invstd)
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -31,22 +31,30 @@ from torch import nn
 
 from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
                      run_name, validate_config)
+from .archive import FINISHED, archive_folder, archive_run, archived_summary, commit_archive
 from .bn_eval import dedicated_epoch, statistics_batch
 from .distributed import (average_over_processes, average_running_statistics,
                           check_process_count, data_parallel, first_process_decides,
-                          is_first_process, rank, sum_over_processes, world_size)
+                          is_first_process, min_over_processes, rank, sum_over_processes,
+                          world_size)
 from .evaluation import evaluate_epoch
+from .fast_paths import use_channels_last
+from .machine import cpu_features, cpu_has_bf16, describe_machine
 from .records import OtherProcessRunFolder, RecordsError, RunFolder
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
+NO_STEP = 2**62  # "no step yet" for the first non-finite step of an epoch (int64, min-reduced)
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float) -> None:
-        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"the training loss became NaN or infinite at epoch {epoch}, "
+                         f"step {step}")
         self.epoch, self.step = epoch, step
 
 
@@ -60,10 +68,23 @@ def select_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when precision is auto or bf16; full precision otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """The autocast dtype a run uses, or None for full precision.
+
+    ``bf16``: bf16 autocast. ``auto``: bf16 where the hardware computes it natively (CUDA, and
+    CPUs with AVX512-BF16 or AMX: :func:`normbench.machine.cpu_has_bf16`), fp32 elsewhere (on a
+    CPU without bf16 units, bf16 is emulated and slower than fp32). The norms keep their
+    statistics in fp32 under autocast (see :mod:`normbench.norms`)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and (device.type == "cuda" or
+                                (device.type == "cpu" and cpu_has_bf16())):
         return torch.bfloat16
     return None
+
+
+def precision_used(amp_dtype: torch.dtype | None) -> str:
+    """The precision a run actually trains in, as recorded: 'bf16' or 'fp32'."""
+    return "bf16" if amp_dtype == torch.bfloat16 else "fp32"
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -72,7 +93,10 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         # cuBLAS needs this workspace setting for deterministic matrix products on CUDA.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN picks the fastest conv algorithm for each input shape once; every training step has
+    # the same shapes, so this pays after the first step. Its choice may vary between runs,
+    # hence off when the run must be deterministic.
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def learning_rate(optim: Mapping[str, Any], *, global_batch: int, epoch_progress: float,
@@ -114,6 +138,8 @@ class Trainer:
         self.folder = folder
         self.device = select_device(cfg["device"])
         self.amp_dtype = autocast_dtype(cfg["precision"], self.device)
+        if cfg["precision"] == "auto" and self.device.type == "cpu" and self.amp_dtype is None:
+            log.info("precision=auto: fp32, this CPU has no bf16 units (%s)", cpu_features())
         if cfg["threads"] is not None:
             # Several runs sharing a CPU (a parallel local sweep) must split its cores: torch's
             # threads spin while waiting, and oversubscribed they run many times slower.
@@ -131,12 +157,21 @@ class Trainer:
                              f"training images, fewer than one step of batch x workers = "
                              f"{self.global_batch}")
         self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
-        from .fast_paths import apply_fast_paths  # channels_last and torch.compile, in place
-        apply_fast_paths(self.model, cfg, self.device)
+        # channels_last (NHWC) where it is faster for this norm and device; the inputs are put
+        # in the same format in every step (a conv fed NCHW would transpose them itself).
+        self.memory_format = (torch.channels_last if use_channels_last(
+            cfg["channels_last"], cfg["norm"]["name"], self.device) else torch.contiguous_format)
+        self.model.to(memory_format=self.memory_format)
         # What a training step calls: DDP around the model with several processes. The plain
         # model is evaluated and checkpointed (no "module." prefix: checkpoints do not depend
         # on the number of processes).
         self.training_model = data_parallel(self.model, self.device)
+        if cfg["compile"]:
+            # After the DDP wrap, so that the compiler sees DDP's gradient buckets and splits
+            # the graph at them (compiling the inner model first hides them). In place
+            # (nn.Module.compile): checkpoints keep their keys. With one process the evaluated
+            # model is the compiled one too.
+            self.training_model.compile(mode=cfg["compile_mode"])
         optim = cfg["optim"]
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, optim["weight_decay"], optim["norm_weight_decay"]),
@@ -166,17 +201,27 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _progress(self, loader, desc: str) -> Iterator:
+        """``loader``'s batches, images in the model's memory format, with a progress bar."""
+        batches = ((images.contiguous(memory_format=self.memory_format), labels)
+                   for images, labels in loader)
         if not self.cfg["progress"] or self.rank != 0:  # one progress bar per launch
-            return iter(loader)
+            return batches
         from tqdm import tqdm
-        return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True))
+        return iter(tqdm(batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True))
 
     def train_epoch(self) -> dict[str, float]:
+        """One epoch of SGD steps. The step never waits for the device: loss and error are
+        summed on the device and read once, at the end of the epoch (on a GPU a read per step
+        would stall the queue of kernels, most at small batches). A non-finite loss is noticed
+        then too, with the step where it first appeared."""
         cfg, model = self.cfg, self.training_model
         model.train()
         self.train_loader.set_epoch(self.epoch)
         steps = len(self.train_loader)
-        loss_sum, wrong, seen = 0.0, 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        wrong = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
+        seen = 0
         start = time.perf_counter()
         desc = f"epoch {self.epoch + 1}/{cfg['epochs']} train"
         for index, (images, labels) in enumerate(self._progress(self.train_loader, desc)):
@@ -191,21 +236,23 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            # Summed over all processes (a no-op with one): the step's metrics, and a NaN on
-            # any process stops every process at the same step.
-            step_loss, step_wrong, step_seen = sum_over_processes(
-                [loss.item() * labels.numel(), (logits.argmax(1) != labels).sum().item(),
-                 labels.numel()])
-            if not math.isfinite(step_loss):
-                raise Diverged(self.epoch + 1, self.step, step_loss / step_seen)
-            loss_sum += step_loss
-            wrong += int(step_wrong)
-            seen += int(step_seen)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            with torch.no_grad():
+                loss = loss.detach()
+                loss_sum += loss * labels.numel()
+                wrong += (logits.argmax(1) != labels).sum()
+                # the first step (1-based) whose loss was NaN or infinite
+                first_bad_step.copy_(torch.where(loss.isfinite(), first_bad_step,
+                                                 first_bad_step.clamp(max=self.step)))
+            seen += labels.numel()
+        # The one read of the epoch, summed over all processes (a no-op with one).
+        step_loss, step_wrong, step_seen = sum_over_processes(
+            [loss_sum.item(), wrong.item(), seen])
+        bad_step = int(min_over_processes(first_bad_step.item()))
+        if bad_step != NO_STEP or not math.isfinite(step_loss):
+            raise Diverged(self.epoch + 1, bad_step if bad_step != NO_STEP else self.step)
         elapsed = time.perf_counter() - start
-        return {"train_loss": loss_sum / seen, "train_error": 100.0 * wrong / seen, "lr": lr,
-                "images_per_second": seen / elapsed, "epoch_time": elapsed}
+        return {"train_loss": step_loss / step_seen, "train_error": 100.0 * step_wrong / step_seen,
+                "lr": lr, "images_per_second": step_seen / elapsed, "epoch_time": elapsed}
 
     def evaluate(self) -> dict[str, float]:
         """Test metrics as ``bn_eval`` says; with batch-dependent norms also
@@ -267,6 +314,10 @@ class Trainer:
             "wall_time": self.history[-1]["wall_time"] if self.history else 0.0,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device),
+            # what the run actually used where the config says auto
+            "precision": precision_used(self.amp_dtype),
+            "channels_last": self.memory_format == torch.channels_last,
+            "machine": describe_machine(self.device),
             "processes": self.processes,
             "skipped_files": self.data_info.skipped_files,  # unreadable images skipped
             **extra,
@@ -298,6 +349,8 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
             folder.write_summary(failure_summary(error))
             raise
         summary = _run_in_folder(cfg, folder)
+        if is_first_process():
+            keep_in_archive(cfg, folder)
         outcome = summary["outcome"]
         if outcome != "skipped" and summary["status"] == "diverged":
             outcome = "diverged"
@@ -355,19 +408,44 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
     return {**summary, "outcome": outcome}
 
 
+def keep_in_archive(cfg: Mapping[str, Any], folder: RunFolder) -> None:
+    """With ``archive_dir`` set: copy the records of the finished run in ``folder`` there (and
+    commit them with ``archive_commit``), unless they are there already (see
+    :mod:`normbench.archive`)."""
+    archive = archive_folder(cfg, run_name(cfg))
+    summary = folder.read_summary()
+    if (archive is None or archive.path.resolve() == folder.path.resolve() or not summary
+            or summary.get("status") not in FINISHED or archived_summary(archive) is not None):
+        return
+    archive_run(folder, archive)
+    log.info("%s: records archived in %s", folder.path, archive.path)
+    if cfg["archive_commit"]:
+        commit_archive(archive, f"{archive.path}: {summary['status']} "
+                                f"(median-of-5 error {summary.get('median5_error')})")
+
+
 def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] | None:
-    """The summary of the run in ``folder`` if it already completed or diverged. Otherwise
-    None, once the folder is known to hold this config (or none) and has it written.
-    A folder holding another config is refused first, finished or not: its result is not
-    this config's."""
+    """The summary of the run in ``folder`` if it already completed or diverged, or of its
+    archived records (``archive_dir``). Otherwise None, once the folder is known to hold this
+    config (or none) and has it written. A folder holding another config is refused first,
+    finished or not: its result is not this config's."""
     stored = folder.read_config()
     if stored is not None and config_differences(stored, cfg):
         raise RecordsError(f"run folder {folder.path} holds a run with a different config "
                            f"(keys: {', '.join(config_differences(stored, cfg))}); choose "
                            f"another folder")
     previous = folder.read_summary()
-    if previous and previous["status"] in ("completed", "diverged"):
+    if previous and previous["status"] in FINISHED:
         return previous
+    archive = archive_folder(cfg, run_name(cfg))
+    archived = archived_summary(archive)
+    if archived is not None:
+        stored = archive.read_config()
+        if stored is not None and config_differences(stored, cfg):
+            raise RecordsError(f"archived run {archive.path} holds a different config (keys: "
+                               f"{', '.join(config_differences(stored, cfg))})")
+        log.info("%s: finished in the archive %s", folder.path, archive.path)
+        return archived
     folder.write_config(cfg)
     return None
 

@@ -30,13 +30,16 @@ from normbench.train import Trainer
 # order alone makes the two runs differ by 1%.
 SMALL = ["model=resnet8", "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=40",
          "dataset.image_size=16", "batch=4", "workers=2", "epochs=1", "optim.lr_per_256=1.6",
-         "optim.milestones=[0.9]", "wandb.mode=disabled", "progress=false"]
+         "optim.milestones=[0.9]", "wandb.mode=disabled", "progress=false",
+         # fp32: one process vs two is compared at fp32 tolerance (bf16 autocast, which
+         # precision=auto picks on CPUs with bf16 units, rounds each process's convs apart)
+         "precision=fp32"]
 NORMS = {"bn": ["norm=bn"], "syncbn": ["norm=syncbn"], "gn": ["norm=gn", "norm.groups=4"]}
 
 # The end-to-end runs: 16 steps per epoch, long enough to be stopped in the middle.
 E2E = ["model=resnet8", "dataset=synthetic", "dataset.train_size=512", "dataset.test_size=100",
        "dataset.image_size=16", "batch=8", "workers=4", "epochs=4", "wandb.mode=disabled",
-       "progress=false"]
+       "progress=false", "precision=fp32"]  # compared with one process at fp32 tolerance
 
 
 # ---- one training epoch: 2 processes x 1 virtual worker = 1 process x 2 virtual workers ------

@@ -1,5 +1,6 @@
 """Norm layers against independent float64 references written from the published formulas."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,23 @@ def test_activation_registry():
     assert build_activation("prelu") is not build_activation("prelu")
     with pytest.raises(NormConfigError, match="unknown act 'swish'.*relu, leaky_relu, prelu"):
         build_activation("swish")
+
+
+@pytest.mark.parametrize("name", ["bn", "gn"])
+def test_statistics_stay_fp32_under_cpu_bf16_autocast(name):
+    # autocast runs some reductions (vecdot) in bf16; the norms' statistics must not be: given
+    # bf16 inputs, the per-worker variances (bn) and outputs (gn) match float64 on the same
+    # (bf16-rounded) values to fp32 accuracy, not bf16's 4e-3.
+    torch.manual_seed(0)
+    x = (torch.randn(8, 16, 6, 6) * 2 + 3).bfloat16()
+    layer = (VirtualBatchNorm2d(16, virtual_batch=4) if name == "bn"
+             else GroupNorm2d(4, 16))
+    reference = copy.deepcopy(layer).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    expected = reference(x.double())
+    if name == "bn":
+        torch.testing.assert_close(layer.running_var.double(), reference.running_var,
+                                   rtol=1e-6, atol=1e-7)
+    # the output itself is bf16 (autocast's choice for what follows); compare at bf16 rounding
+    torch.testing.assert_close(out.double(), expected, rtol=8e-3, atol=8e-3)

@@ -1,0 +1,91 @@
+"""Keeping finished runs' records in the repository, so a sweep can outlive the machine.
+
+A sweep of several hours may not finish on one machine: the machine, its running jobs and its
+ignored files (``runs/``) can be gone when work resumes. With ``archive_dir`` set (the CIFAR-10
+experiment sets ``results/<experiment>/runs``), every run that finishes (completed or diverged)
+copies its records, not its checkpoints, to ``<archive_dir>/<run name>/``:
+
+    config.yaml  metrics.jsonl  summary.json
+
+and with ``archive_commit=true`` commits that folder to git at once (only those paths: other
+staged work is left alone). A relaunch, also on a fresh clone without ``runs/``, skips every
+cell whose archived summary says finished, and the report is made from the archive alone
+(``normbench report results/<experiment>/runs``). Stopping loses at most the runs in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .records import RunFolder, write_atomic_text
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("completed", "diverged")  # a run in one of these states is never trained again
+GIT_RETRIES = 10  # parallel jobs of a sweep commit at the same time: git's index lock is busy
+
+
+def archive_folder(cfg: Mapping[str, Any], name: str) -> RunFolder | None:
+    """Where the run named ``name`` is archived, or None when ``archive_dir`` is not set."""
+    if not cfg.get("archive_dir"):
+        return None
+    return RunFolder(Path(cfg["archive_dir"]) / name)
+
+
+def archived_summary(archive: RunFolder | None) -> dict[str, Any] | None:
+    """The archived run's summary if it finished, else None."""
+    if archive is None:
+        return None
+    summary = archive.read_summary()
+    return summary if summary and summary.get("status") in FINISHED else None
+
+
+def archive_run(folder: RunFolder, archive: RunFolder) -> None:
+    """Copy a finished run's records (no checkpoints) from ``folder`` to ``archive``.
+
+    The summary is written last: an archive interrupted halfway has no summary and so does
+    not count as finished."""
+    archive.path.mkdir(parents=True, exist_ok=True)
+    archive.summary_path.unlink(missing_ok=True)
+    for source, target in ((folder.config_path, archive.config_path),
+                           (folder.metrics_path, archive.metrics_path),
+                           (folder.summary_path, archive.summary_path)):
+        write_atomic_text(target, source.read_text())
+
+
+def commit_archive(archive: RunFolder, message: str) -> bool:
+    """``git add`` and ``git commit`` the archive (the folder of all archived runs, so that one
+    whose commit failed earlier goes in too), only its paths: other staged work stays staged.
+    Returns whether a commit was made; says why not in a warning (the records stay on disk
+    either way, and the next finished run's commit takes them along)."""
+    if shutil.which("git") is None:
+        log.warning("archive_commit: git is not installed; %s is archived but not committed",
+                    archive.path)
+        return False
+    where = archive.path.parent.resolve()
+    for attempt in range(GIT_RETRIES):
+        add = _git(["add", "--", str(where)], where)
+        commit = add if add.returncode else _git(
+            ["commit", "--quiet", "--no-verify", "-m", message, "--", str(where)], where)
+        if commit.returncode == 0:
+            log.info("committed %s", archive.path)
+            return True
+        output = commit.stdout + commit.stderr
+        if "index.lock" not in output:
+            break
+        time.sleep(0.5 + attempt)  # another job of the sweep is committing
+    log.warning("archive_commit: could not commit %s: %s", archive.path, output.strip())
+    return False
+
+
+def _git(args: list[str], where: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+__all__ = ["FINISHED", "archive_folder", "archive_run", "archived_summary", "commit_archive"]
