@@ -38,9 +38,9 @@ demo: setup
 # norms and placements, then the second seed. Every finished run is archived and committed under
 # results/cifar10/runs/ as it finishes (archive_commit=true), so a session that stops loses only
 # the runs in flight, and `make cifar10` on a fresh clone goes on where it stopped.
-CIFAR10 = $(PY) run.py -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
+CIFAR10 = $(NORMBENCH) train -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
 cifar10: setup
-	$(PY) scripts/prepare_data.py
+	$(NORMBENCH) prepare-data
 	$(CIFAR10) seed=0 batch=32
 	$(CIFAR10) seed=0 batch=2
 	$(CIFAR10) seed=0 batch=16,8,4
@@ -50,7 +50,7 @@ cifar10: setup
 	$(MAKE) cifar10-report
 
 cifar10-report: setup
-	$(PY) scripts/report.py results/cifar10/runs --out results/cifar10
+	$(NORMBENCH) report results/cifar10/runs --out results/cifar10
 
 # The paper's Figure 1 on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), sized for 2 CPU
 # cores: experiments/cifar10_cpu.yaml, 2 runs at a time with one torch thread each. One seed at a
