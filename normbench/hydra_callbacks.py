@@ -10,8 +10,6 @@ joblib, SLURM through submitit), whose jobs may run in other processes or on oth
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,7 +66,9 @@ class SweepSummary(Callback):
         self.started = time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        command = shlex.join(["python", *sys.argv])
+        from normbench.hydra_main import typed_command  # the sweep's own entry point
+
+        command = typed_command()
         with open(sweep_dir / "command.txt", "a") as f:
             f.write(command + "\n")
 

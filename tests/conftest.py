@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from normbench.data.presets import register_preset_resolver
@@ -30,9 +29,9 @@ TINY = TINY_RUN + ["dataset=synthetic", "dataset.train_size=512", "dataset.test_
 
 def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
     """The resolved config `python run.py <overrides>` would run, as a plain dict."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True)
+    from normbench.hydra_main import compose
+
+    return OmegaConf.to_container(compose(overrides or []), resolve=True)
 
 
 def run_cli(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 300,
