@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+NORMBENCH := $(VENV)/bin/normbench
 # The torch build: this pair installs from the local disk on the project's machines (a CUDA build
 # that also runs on the CPU). Override on other machines, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo cifar10 cifar10-report cifar10-cpu test test-slow test-all report bench clean
+.PHONY: help setup demo cifar10 cifar10-report cifar10-cpu test test-slow test-all report bench gpu-check clean
 
 help:
 	@echo "make demo       the demo sweep (synthetic data, CPU, < 10 min) and its report in results/demo"
@@ -17,29 +18,30 @@ help:
 	@echo "make test       the test suite (about 10 minutes on 2 cores)"
 	@echo "make test-slow  the slow tests only; make test-all: everything"
 	@echo "make report EXP=<experiment>  report for runs/<experiment> into results/<experiment>"
-	@echo "make bench      the performance benchmark (results/bench)"
+	@echo "make bench      the performance benchmark on this machine (results/bench)"
+	@echo "make gpu-check  on a CUDA machine: CUDA tests, the GPU bench rows, a short GPU sweep (< 8 min)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'   # editable: the command reads this checkout's conf/
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) run.py -m experiment=demo
-	$(PY) scripts/report.py runs/demo --out results/demo
+	$(NORMBENCH) train -m experiment=demo
+	$(NORMBENCH) report runs/demo --out results/demo
 
 # The converged reproduction on real CIFAR-10 (experiments/cifar10.yaml), in order of what it
 # tells: the paper's two claims (bn, gn at 32 and 2) first, then the other batches, the other
 # norms and placements, then the second seed. Every finished run is archived and committed under
 # results/cifar10/runs/ as it finishes (archive_commit=true), so a session that stops loses only
 # the runs in flight, and `make cifar10` on a fresh clone goes on where it stopped.
-CIFAR10 = $(PY) run.py -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
+CIFAR10 = $(NORMBENCH) train -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
 cifar10: setup
-	$(PY) scripts/prepare_data.py
+	$(NORMBENCH) prepare-data
 	$(CIFAR10) seed=0 batch=32
 	$(CIFAR10) seed=0 batch=2
 	$(CIFAR10) seed=0 batch=16,8,4
@@ -49,26 +51,26 @@ cifar10: setup
 	$(MAKE) cifar10-report
 
 cifar10-report: setup
-	$(PY) scripts/report.py results/cifar10/runs --out results/cifar10
+	$(NORMBENCH) report results/cifar10/runs --out results/cifar10
 
 # The paper's Figure 1 on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), sized for 2 CPU
 # cores: experiments/cifar10_cpu.yaml, 2 runs at a time with one torch thread each. One seed at a
 # time, so an interrupted session leaves whole seeds; relaunching skips what finished.
 SEEDS ?= 0 1
 cifar10-cpu: setup
-	$(PY) scripts/prepare_data.py
+	$(NORMBENCH) prepare-data
 	for seed in $(SEEDS); do \
-	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed && \
-	  $(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
+	  $(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed && \
+	  $(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=$$seed \
 	    norm=bn,gn8 batch=32,2 placement=after || exit 1; \
 	done
 	# control: bn and gn at batch 32 and 2 with 3x the epochs (3x the SGD steps), its own folder
-	$(PY) run.py -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=0 \
+	$(NORMBENCH) train -m experiment=cifar10_cpu hydra/launcher=local threads=1 seed=0 \
 	  norm=bn,gn8 batch=32,2 epochs=30 experiment_name=cifar10_cpu_long
 	# (the committed reports add --notes with the discussion of their own runs: see their
 	# "Regenerate this report" line)
-	$(PY) scripts/report.py runs/cifar10_cpu --out results/cifar10_cpu
-	$(PY) scripts/report.py runs/cifar10_cpu_long --out results/cifar10_cpu_long
+	$(NORMBENCH) report runs/cifar10_cpu --out results/cifar10_cpu
+	$(NORMBENCH) report runs/cifar10_cpu_long --out results/cifar10_cpu_long
 
 test: setup
 	$(PY) -m pytest -q
@@ -81,10 +83,26 @@ test-all: setup
 
 EXP ?= demo
 report: setup
-	$(PY) scripts/report.py runs/$(EXP) --out results/$(EXP)
+	$(NORMBENCH) report runs/$(EXP) --out results/$(EXP)
 
+# One torch thread: the project's CPUs are shared, and a parallel region that waits for a thread
+# another job holds stalls (results/bench/README.md).
 bench: setup
-	$(PY) scripts/bench.py --out results/bench
+	$(PY) scripts/bench.py --threads 1 --out results/bench
+
+# The GPU checks of issue #13 in one command (meant to take under 8 minutes on one H100/H200):
+# the CUDA tests (pytest -m cuda), the GPU bench rows (item 6: ResNet-50 224 px bf16 images/s,
+# bn and gn, eager and compiled, GN/BN, CUDA graphs at 2 x 8, per-worker BN implementations;
+# item 2 on the GPU) into results/bench/gpu, and a 2-epoch bn/gn x 32/2 sweep on real CIFAR-10
+# (experiments/cifar10_cpu.yaml on the GPU) into runs/gpu_check.
+gpu-check: setup
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+	  'make gpu-check: torch sees no CUDA device')"
+	$(PY) -m pytest -q -m cuda tests
+	$(PY) scripts/bench.py --device cuda --items 2,6 --gpu-sizes 224 --out results/bench/gpu
+	$(PY) scripts/prepare_data.py
+	$(PY) run.py -m experiment=cifar10_cpu device=cuda norm=bn,gn8 batch=32,2 epochs=2 \
+	  experiment_name=gpu_check
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

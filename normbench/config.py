@@ -14,11 +14,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .bn_eval import BN_EVAL_MODES
+from .bn_eval import BN_EVAL_MODES, statistics_batch
 from .models import (MODELS, PLACEMENTS, STEMS, build_model, check_norm_combination,
                      norm_input_shapes)
 from .fast_paths import CHANNELS_LAST_SETTINGS, COMPILE_MODES
-from .norms import ACTIVATIONS, NORMS, NormConfigError, norm_spec
+from .norms import ACTIVATIONS, NORMS, NormConfigError, min_values_per_statistic, norm_spec
 
 PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -76,6 +76,12 @@ def build_model_from_config(cfg: Mapping[str, Any], num_classes: int) -> torch.n
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for the first value that cannot be run."""
+    from .data import DATASET_BUILDERS, check_preset  # imported here: data pulls in torchvision
+    # The data set first: an image folder's preset decides model.stem, so a bad preset is
+    # named as dataset.preset, not as the model.stem that follows it.
+    _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
+    if cfg["dataset"]["name"] == "imagefolder":
+        check_preset(_require(cfg, "dataset.preset"))
     _check_choice(cfg, "norm.name", list(NORMS))
     _check_choice(cfg, "model.name", list(MODELS))
     _check_choice(cfg, "model.stem", STEMS)
@@ -84,8 +90,6 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _check_choice(cfg, "precision", PRECISIONS)
     _check_fast_paths(cfg)
     _check_choice(cfg, "wandb.mode", WANDB_MODES)
-    from .data import DATASET_BUILDERS  # imported here: data pulls in torchvision
-    _check_choice(cfg, "dataset.name", list(DATASET_BUILDERS))
     batch = _check_int(cfg, "batch", 1)
     _check_int(cfg, "workers", 1)
     _check_int(cfg, "epochs", 1)
@@ -183,14 +187,20 @@ def _check_model_builds(cfg: Mapping[str, Any]) -> None:
                           f"{error}") from None
     shapes = norm_input_shapes(model, image_size)
     modules = dict(model.named_modules())
+    # syncbn's statistics cover the step's batch * workers images, not one worker's batch
+    batch = statistics_batch(cfg["norm"]["name"], cfg["batch"], cfg["workers"])
     for layer, (channels, height, width) in shapes.items():
-        values = modules[layer].values_per_statistic(cfg["batch"], channels, height, width)
-        if values is not None and values < 2:  # None: a layer without statistics
+        values = modules[layer].values_per_statistic(batch, channels, height, width)
+        # None: a layer without statistics; FRN with a learned eps may take one value
+        if values is not None and values < min_values_per_statistic(modules[layer]):
+            remedy = ("norm.learnable_eps=true (FRN's remedy for 1x1 maps), "
+                      if cfg["norm"]["name"] == "frn" else "")
             raise ConfigError(
                 f"norm={cfg['norm']['name']} at layer {layer} would normalize a single value "
                 f"(input {channels}x{height}x{width}, batch={cfg['batch']}, "
-                f"dataset.image_size={image_size}, model.stem={cfg['model']['stem']}); use a "
-                f"larger batch or image size, model.stem=cifar for small images, or another norm")
+                f"dataset.image_size={image_size}, model.stem={cfg['model']['stem']}); use "
+                f"{remedy}a larger batch or image size, model.stem=cifar for small images, or "
+                f"another norm")
 
 
 def run_key(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,8 @@ workers of an SGD step: each process runs ``workers / N`` virtual workers on its
 ``batch * workers / N`` images (:func:`normbench.data.build_loaders` shards every step), takes
 the mean loss over them, and DDP averages the gradients, so a step is the single-process step
 with ``workers`` virtual workers. BN statistics stay per worker (``broadcast_buffers=False``);
-``norm=syncbn`` synchronizes them through its own differentiable all-reduce
-(:class:`normbench.norms.SyncBatchNorm2d`).
+``norm=syncbn`` synchronizes them through its own differentiable all-gather of each process's
+count, mean and M2, merged as Chan et al. (:class:`normbench.norms.SyncBatchNorm2d`).
 
 Running statistics: each process keeps the moving averages of its own workers. Before every
 evaluation (and so before every checkpoint) :func:`average_running_statistics` replaces them on

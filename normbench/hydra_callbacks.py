@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -111,7 +109,9 @@ class SweepSummary(Callback):
         self.launcher_pid = os.getpid()
         self.sweep_id = (f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-"
                          f"{self.launcher_pid}")
-        records.record_sweep_command(config.hydra.sweep.dir, shlex.join(["python", *sys.argv]))
+        from normbench.hydra_main import typed_command  # the sweep's own entry point
+
+        records.record_sweep_command(config.hydra.sweep.dir, typed_command())
 
     def _job_records(self, config: DictConfig) -> tuple[Path, int, Path] | None:
         """(the sweep's records folder, job number, run folder), or None outside a sweep and in

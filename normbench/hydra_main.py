@@ -1,8 +1,8 @@
 """The Hydra entry point: one run, or a sweep with -m. Hydra stays here, at the edge of the library.
 
-    normbench train norm=gn batch=2                     # one run (also: python run.py norm=gn batch=2)
-    normbench train -m norm=bn,gn batch=32,8,2          # a sweep
-    normbench train -m experiment=demo                  # a named sweep from experiments/
+    normbench train norm=gn batch=2                 # one run (from a checkout: python run.py ...)
+    normbench train -m norm=bn,gn batch=32,8,2      # a sweep
+    normbench train -m experiment=demo              # a named sweep from experiments/
 
 The run folder is runs/<experiment>/<norm>_b<batch>x<workers>_<placement>_s<seed>_<hash>, the hash
 being of the config, so relaunching the same command finds its folders: finished runs are skipped
@@ -10,7 +10,7 @@ and interrupted ones resume from their checkpoints.
 
 Several processes (one per GPU) train one run with DistributedDataParallel:
 
-    torchrun --nproc_per_node=4 run.py norm=gn batch=2        # 4 processes x 2 virtual workers
+    torchrun --nproc_per_node=4 -m normbench train norm=gn batch=2  # 4 processes x 2 workers
     normbench train -m hydra/launcher=slurm hydra.launcher.gpus_per_node=4 norm=bn,gn  # SLURM
 """
 
@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.plugins.config_source import ConfigSource
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from normbench import distributed
+from normbench.config_files import config_dir, experiments_dir
 from normbench.config import ConfigError, run_name
-from normbench.data import DatasetError
+from normbench.data import DatasetError, register_preset_resolver
 from normbench.hydra_callbacks import if_run_folder_held
 from normbench.norms import NormConfigError
 from normbench.records import RecordsError, Terminated
@@ -56,13 +60,50 @@ def _first_process_only(value: Any, otherwise: Any = None) -> Any:
 OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
 OmegaConf.register_new_resolver("first_process_only", _first_process_only, replace=True)
 OmegaConf.register_new_resolver("if_run_folder_held", if_run_folder_held, replace=True)
+register_preset_resolver()  # ${dataset_preset:...} in conf/dataset/imagefolder.yaml
 
 
-# The checkout's conf/ (an absolute path: Hydra reads a relative one inside a module as a package)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+def register_experiments(folder: Path) -> list[str]:
+    """Make every folder/NAME.yaml the option NAME of the config group `experiment`, with the
+    package its `# @package` header names, and return the names.
+
+    The experiments have their own top-level folder, where users find them, not conf/experiment/;
+    Hydra's search path adds whole config folders (a group is a subfolder of one), so the group
+    is filled through Hydra's ConfigStore instead, which Hydra searches like a folder (and a
+    folder given with --config-dir can still add experiment/NAME.yaml files of its own)."""
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(folder.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        header = ConfigSource._get_header_dict(text)  # Hydra's own reading of `# @package`
+        store.store(name=path.stem, node=OmegaConf.create(text), group="experiment",
+                    package=header.get("package"), provider=str(path))
+        names.append(path.stem)
+    return names
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+register_experiments(experiments_dir())
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `normbench train OVERRIDES` runs, composed without running it (for tests and
+    tools; unresolved, without the hydra node)."""
+    with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra.compose(config_name="config", overrides=list(overrides))
+
+
+def typed_command(argv: list[str] | None = None) -> str:
+    """The command line of this launch as the user typed it (a sweep's command.txt): `normbench
+    train ...` from the normbench command (normbench/cli.py names the program so), else
+    `python run.py ...`."""
+    argv = sys.argv if argv is None else argv
+    program = argv[0].split(" ")
+    if program[0] == "normbench":
+        return shlex.join([*program, *argv[1:]])
+    return shlex.join(["python", *argv])
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     # torchrun / SLURM with several processes: join them (nothing happens in a single process)

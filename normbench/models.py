@@ -35,7 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .norms import NormConfigError, WSConv2d, build_activation, build_norm, norm_spec
+from .norms import (NormConfigError, WSConv2d, build_activation, build_norm,
+                    name_batch_statistics_layers, norm_spec)
 
 PLACEMENTS = ("before", "after")
 STEMS = ("imagenet", "cifar")
@@ -285,8 +286,10 @@ def build_model(name: str, *, num_classes: int, norm: str = "bn",
                     partial(build_activation, act), placement,
                     norm_is_activation=norm_spec(norm).replaces_activation,
                     conv_type=WSConv2d if ws else nn.Conv2d)
-    return ResNet(spec, num_classes=num_classes, layers=layers, stem=stem, width=width,
-                  zero_init_last=zero_init_last)
+    model = ResNet(spec, num_classes=num_classes, layers=layers, stem=stem, width=width,
+                   zero_init_last=zero_init_last)
+    name_batch_statistics_layers(model)  # their training errors name the layer
+    return model
 
 
 def norm_input_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int, int]]:

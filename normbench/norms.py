@@ -21,18 +21,26 @@ it lives here because it belongs to the same zoo.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 EPS = 1e-5  # the GN paper's epsilon for every norm
 FRN_EPS = 1e-6  # Singh & Krishnan 2019, the paper's listing of the FRN layer
 WS_EPS = 1e-5  # Qiao et al. 2019, the constant of the authors' code
+
+
+# The fewest values a norm's statistic may cover in training: over one value the variance is 0
+# (or FRN's x / sqrt(x^2 + eps) is sign(x)), so the layer outputs a constant and passes no
+# gradient. A layer that can (FRN with a learned eps) says so in `min_values_per_statistic`.
+MIN_VALUES_PER_STATISTIC = 2
 
 
 class NormConfigError(ValueError):
@@ -122,6 +130,9 @@ class BatchStatistics:
     - ``collect``: add them to ``collected`` (a :class:`StatisticsSum`) for Precise BN.
 
     Eval mode always uses the running buffers. :mod:`normbench.bn_eval` switches the modes.
+
+    ``layer_name`` is the layer's name in its model (set by :func:`name_batch_statistics_layers`),
+    for errors that must say which layer.
     """
 
     running_stat_names: tuple[str, ...] = ()
@@ -131,6 +142,23 @@ class BatchStatistics:
         self.virtual_batch = virtual_batch
         self.stats_mode = "update"
         self.collected: StatisticsSum | None = None
+        self.layer_name: str | None = None
+
+    def _refuse_single_values(self, x: torch.Tensor, chunk: int) -> None:
+        """Raise :class:`NormConfigError` when a training-mode forward would take a statistic
+        over one value: chunks of ``chunk`` images on a 1x1 map. The batch variance of one value
+        is 0, so BN's output would be beta whatever the input (and the unbiased running
+        variance would divide by zero)."""
+        channels, height, width = x.shape[1:]
+        if chunk * height * width > 1:
+            return
+        where = f" at layer {self.layer_name}" if self.layer_name else ""
+        raise NormConfigError(
+            f"{type(self).__name__}{where} would normalize a single value per channel in "
+            f"training: batch={chunk} image per worker on a {height}x{width} map (input "
+            f"{channels}x{height}x{width}: the images are too small for this model's stem); "
+            f"choose batch >= 2 images per worker, larger images or a stem that keeps larger "
+            f"maps (stem='cifar' for 32x32 images), or a batch-independent norm such as gn")
 
     def _absorb(self, stats: dict[str, torch.Tensor]) -> None:
         """Handle this step's statistics: ``{buffer name: (W, C) per-chunk values}``."""
@@ -235,13 +263,123 @@ class ChunkBatchNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+# The per-worker BN's implementations. All compute the same thing (each chunk of ``chunk``
+# images normalized by its own biased variance; per-chunk means and unbiased variances for the
+# running statistics) and differ in speed only:
+#
+# - ``per_worker``: the library's batch-norm kernel once per worker, on views of the chunks,
+#   outputs joined by one copy (``torch.cat``). Its per-chunk statistics land in rows of a
+#   (W, C) table through the kernel's running-statistics arguments at momentum 1.
+# - ``folded``: one call of the kernel on the batch with the worker axis folded into the
+#   channels, (W * B, C, H, W) -> (B, W * C, H, W); a copy in and a copy out.
+# - ``hand_written``: :class:`ChunkBatchNorm`, every chunk in one pass of reductions and
+#   elementwise ops with a hand-written backward (the implementation before the library
+#   kernel; kept for comparison in ``make bench`` and the tests).
+#
+# Measured (``make bench`` item 2, results/bench: a ResNet-20 step at batch 2 x 8 and 32 x 8,
+# one thread): on the CPU ``per_worker`` is the fastest or level with the fastest in fp32 and
+# bf16, NCHW and channels_last. ``hand_written`` falls behind in bf16 (it makes fp32 copies of
+# the whole input, where the kernel reads bf16 and accumulates in fp32), and ``folded``'s
+# copies cost several times the kernel in channels_last. On CUDA ``folded``: one kernel
+# instead of W launches per layer, where launches dominate small batches; not measured yet
+# (``make gpu-check`` times the three against each other, item 6).
+CHUNKED_BN_VARIANTS = ("per_worker", "folded", "hand_written")
+# {device type: {layout of the input: variant}}; devices not named here use the CPU's
+CHUNKED_BN_DEFAULT = {"cpu": {"nchw": "per_worker", "channels_last": "per_worker"},
+                      "cuda": {"nchw": "folded", "channels_last": "folded"}}
+_chunked_bn_choice: str | None = None  # set by use_chunked_bn; None: the device's default
+
+
+@contextlib.contextmanager
+def use_chunked_bn(variant: str | None) -> Iterator[None]:
+    """Within the block, per-worker BN (:class:`VirtualBatchNorm2d` with several chunks) uses
+    ``variant`` (one of :data:`CHUNKED_BN_VARIANTS`; None: the device's default). For the
+    benchmark and the tests: the variants differ in speed, not in what they compute."""
+    global _chunked_bn_choice
+    if variant is not None and variant not in CHUNKED_BN_VARIANTS:
+        raise NormConfigError(f"chunked BN variant {variant!r} is unknown; choose one of: "
+                              f"{', '.join(CHUNKED_BN_VARIANTS)}")
+    previous, _chunked_bn_choice = _chunked_bn_choice, variant
+    try:
+        yield
+    finally:
+        _chunked_bn_choice = previous
+
+
+def chunked_bn_variant(x: torch.Tensor) -> str:
+    """The per-worker BN implementation used now for an input like ``x`` (its device and
+    memory format)."""
+    if _chunked_bn_choice is not None:
+        return _chunked_bn_choice
+    defaults = CHUNKED_BN_DEFAULT.get(x.device.type, CHUNKED_BN_DEFAULT["cpu"])
+    return defaults["channels_last" if _is_channels_last(x) else "nchw"]
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _statistics_table(workers: int, channels: int, like: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (W, C) tables for the kernel to write each chunk's mean and unbiased variance
+    into (as its running statistics at momentum 1, which replaces what they held)."""
+    return (torch.zeros(workers, channels, dtype=dtype, device=like.device),
+            torch.ones(workers, channels, dtype=dtype, device=like.device))
+
+
+def per_worker_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, chunk: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BN of each chunk of ``chunk`` images of ``x`` by the library kernel, one
+    call per chunk. Returns the output (memory format of ``x``) and (W, C) tables of the
+    chunks' means and unbiased variances (no gradient)."""
+    parts = x.split(chunk)  # views; contiguous in NCHW and channels_last (N is outermost)
+    mean, var = _statistics_table(len(parts), x.shape[1], x, weight.dtype)
+    outs = [F.batch_norm(part, mean[w], var[w], weight, bias, True, 1.0, eps)
+            for w, part in enumerate(parts)]
+    return torch.cat(outs), mean, var
+
+
+def folded_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`per_worker_batch_norm`, by one call of the library kernel: the W chunks of
+    (B, C, H, W) become one batch (B, W * C, H, W) whose channel w * C + c is channel c of
+    chunk w."""
+    n, channels, height, width = x.shape
+    workers = n // chunk
+    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    folded = (x.view(workers, chunk, channels, height, width).transpose(0, 1)
+              .reshape(chunk, workers * channels, height, width)
+              .contiguous(memory_format=memory_format))
+    mean, var = _statistics_table(workers, channels, x, weight.dtype)
+    out = F.batch_norm(folded, mean.view(-1), var.view(-1), weight.repeat(workers),
+                       bias.repeat(workers), True, 1.0, eps)
+    out = (out.view(chunk, workers, channels, height, width).transpose(0, 1)
+           .reshape(n, channels, height, width).contiguous(memory_format=memory_format))
+    return out, mean, var
+
+
+def hand_written_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, chunk: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`per_worker_batch_norm`, by :class:`ChunkBatchNorm`."""
+    out, mean, var = ChunkBatchNorm.apply(x, weight, bias, eps, chunk)
+    values = x[:chunk].numel() // x.shape[1]  # per chunk and channel: B * H * W
+    return out, mean, var * (values / (values - 1))
+
+
+_CHUNKED_BN = {"per_worker": per_worker_batch_norm, "folded": folded_batch_norm,
+               "hand_written": hand_written_batch_norm}
+
+
 class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
     """BatchNorm whose training statistics are taken per chunk of ``virtual_batch`` images.
 
     With ``virtual_batch=None`` (or a batch of exactly that size) this is ``nn.BatchNorm2d``.
-    With a batch of ``W * virtual_batch`` images it computes, in one vectorized pass, what ``W``
-    data-parallel workers with unsynchronized BN compute: chunk ``w`` is normalized by its own
-    mean and variance.
+    With a batch of ``W * virtual_batch`` images it computes what ``W`` data-parallel workers
+    with unsynchronized BN compute: chunk ``w`` is normalized by its own mean and variance. How
+    (the library's kernel once per worker, once with the workers folded into the channels, or
+    hand-written passes) is chosen per device and layout: :data:`CHUNKED_BN_DEFAULT`.
 
     Running statistics: each chunk's moments are averaged over the ``W`` chunks and then folded
     into the moving average, i.e. ``running_mean <- (1 - m) * running_mean + m * mean_w(mu_w)``
@@ -260,6 +398,8 @@ class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
         return batch * height * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._refuse_single_values(x, self.virtual_batch or x.shape[0])
         plain_step = self.stats_mode == "update" and self.virtual_batch in (None, x.shape[0])
         if not self.training or plain_step:
             return super().forward(x)  # torch's kernel: eval mode, or one worker per process
@@ -267,9 +407,9 @@ class VirtualBatchNorm2d(BatchStatistics, nn.BatchNorm2d):
 
     def _chunked_forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)  # checks the shape
-        y, mean, var = ChunkBatchNorm.apply(x, self.weight, self.bias, self.eps, chunks.shape[1])
-        values = chunks.shape[1] * chunks.shape[3] * chunks.shape[4]
-        self._absorb({"running_mean": mean, "running_var": var * (values / (values - 1))})
+        batch_norm = _CHUNKED_BN[chunked_bn_variant(x)]
+        y, mean, var = batch_norm(x, self.weight, self.bias, self.eps, chunks.shape[1])
+        self._absorb({"running_mean": mean, "running_var": var})
         return y
 
     def _count_step(self) -> None:
@@ -293,26 +433,34 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
     Inference: ``y = gamma * (x - mu) / sigma + beta`` (``sigma`` already holds eps). The moving
     averages take the mean over chunks, like :class:`VirtualBatchNorm2d`.
 
-    Schedule (Ioffe 2017, section 4): plain BN (``r_max = 1``, ``d_max = 0``) for the first
-    ``warmup_steps`` training steps, then both limits relax linearly to ``r_max`` and ``d_max``,
-    reached at training steps ``r_max_reached_at`` and ``d_max_reached_at``. The step is the
-    buffer ``steps`` (training-mode forwards in ``update`` mode), so it travels with the state
-    dict and a resumed run continues the schedule. Defaults: ``momentum = 0.01``, the schedule's
-    steps (5k, 40k, 25k) from Ioffe 2017; the limits ``r_max = 1.5``, ``d_max = 0.5`` that the GN
-    paper used for ResNet-50 (Ioffe's were 3 and 5).
+    Schedule (Ioffe 2017, section 4), in fractions of the run's training steps: plain BN
+    (``r_max = 1``, ``d_max = 0``) until ``warmup_until``, then both limits relax linearly to
+    ``r_max`` and ``d_max``, reached at ``r_max_reached_at`` and ``d_max_reached_at``. Fractions,
+    not step counts, so that runs of the same length in epochs get the same schedule whatever
+    their batch (batch 2 takes 16 times the steps of batch 32) and a short run is not plain BN
+    throughout. Ioffe's ImageNet run (about 130k steps) had 5k steps of plain BN, d_max reached
+    at 25k and r_max at 40k: the defaults 0.04, 0.2 and 0.3 are those fractions, rounded.
+
+    The layer needs the run's length: :func:`set_total_steps` sets ``total_steps`` (the trainer
+    calls it once, before training); a training-mode forward without it is an error. The steps
+    done are the buffer ``steps`` (training-mode forwards in ``update`` mode), so they travel
+    with the state dict and a resumed run continues the schedule. Defaults: ``momentum = 0.01``
+    (Ioffe 2017); the limits ``r_max = 1.5``, ``d_max = 0.5`` that the GN paper used for
+    ResNet-50 (Ioffe's were 3 and 5).
     """
 
     running_stat_names = ("running_mean", "running_std")
 
     def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.01,
-                 r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
-                 r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+                 r_max: float = 1.5, d_max: float = 0.5, warmup_until: float = 0.04,
+                 r_max_reached_at: float = 0.3, d_max_reached_at: float = 0.2,
                  virtual_batch: int | None = None) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.r_max, self.d_max = r_max, d_max
-        self.warmup_steps = warmup_steps
+        self.warmup_until = warmup_until
         self.r_max_reached_at, self.d_max_reached_at = r_max_reached_at, d_max_reached_at
+        self.total_steps: int | None = None  # the run's training steps: set_total_steps
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -325,17 +473,25 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
 
     def clip_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) at the current step; tensors, so reading the step needs no sync."""
-        return (self._relaxed(1.0, self.r_max, self.r_max_reached_at),
-                self._relaxed(0.0, self.d_max, self.d_max_reached_at))
+        if self.total_steps is None:
+            where = f" at layer {self.layer_name}" if self.layer_name else ""
+            raise NormConfigError(
+                f"{type(self).__name__}{where}: the run's number of training steps is not set "
+                f"(the r_max / d_max schedule is in fractions of the run); call "
+                f"normbench.norms.set_total_steps(model, steps) once before training")
+        done = self.steps.to(self.running_std.dtype) / self.total_steps  # fraction of the run
+        return (self._relaxed(1.0, self.r_max, done, self.r_max_reached_at),
+                self._relaxed(0.0, self.d_max, done, self.d_max_reached_at))
 
-    def _relaxed(self, start: float, limit: float, reached_at: int) -> torch.Tensor:
-        """The limit at the current step: ``start`` until ``warmup_steps``, then linear up to
-        ``limit`` at ``reached_at``, then ``limit``."""
-        since_warmup = (self.steps - self.warmup_steps).to(self.running_std.dtype)
-        if reached_at > self.warmup_steps:
-            progress = (since_warmup / (reached_at - self.warmup_steps)).clamp(0.0, 1.0)
+    def _relaxed(self, start: float, limit: float, done: torch.Tensor,
+                 reached_at: float) -> torch.Tensor:
+        """The limit when the fraction ``done`` of the run is done: ``start`` until
+        ``warmup_until``, then linear up to ``limit`` at ``reached_at``, then ``limit``."""
+        since_warmup = done - self.warmup_until
+        if reached_at > self.warmup_until:
+            progress = (since_warmup / (reached_at - self.warmup_until)).clamp(0.0, 1.0)
         else:
-            progress = (since_warmup >= 0).to(since_warmup.dtype)
+            progress = (since_warmup >= 0).to(done.dtype)
         return start + (limit - start) * progress
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +499,7 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        self._refuse_single_values(x, self.virtual_batch or x.shape[0])
         chunks = worker_chunks(x, self.virtual_batch, type(self).__name__)
         mean, var = chunk_moments(chunks)
         std = torch.sqrt(var + self.eps)
@@ -367,27 +524,53 @@ class BatchRenorm2d(BatchStatistics, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, warmup_until={self.warmup_until}, "
                 f"r_max_reached_at={self.r_max_reached_at}, "
-                f"d_max_reached_at={self.d_max_reached_at}, virtual_batch={self.virtual_batch}")
+                f"d_max_reached_at={self.d_max_reached_at}, total_steps={self.total_steps}, "
+                f"virtual_batch={self.virtual_batch}")
+
+
+def set_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Give every layer of ``model`` whose training follows a schedule over the run (BRN's
+    r_max / d_max relaxation, :class:`BatchRenorm2d`) the run's number of training steps. Call
+    it once before training (again after changing the run's length); the steps already done are
+    counted by the layers themselves, in their state dict."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps={total_steps!r} is not allowed; it must be an integer "
+                         f">= 1 (the run's training steps)")
+    for m in model.modules():
+        if isinstance(m, BatchRenorm2d):
+            m.total_steps = total_steps
+
+
+def name_batch_statistics_layers(model: nn.Module) -> None:
+    """Give each batch-dependent layer of ``model`` its qualified name (``layer_name``), so that
+    its errors in training say which layer (e.g. a single value per statistic)."""
+    for name, m in model.named_modules():
+        if isinstance(m, BatchStatistics):
+            m.layer_name = name
 
 
 # ---- synchronized BN -------------------------------------------------------------------------
-class AllReduceSum(torch.autograd.Function):
-    """Sum of a tensor over all processes, differentiable: the gradient of a sum that every
-    process uses is the sum of the processes' gradients. Works with gloo (CPU) and NCCL."""
+class AllGather(torch.autograd.Function):
+    """Every process's tensor, stacked in rank order: (processes, *shape), differentiable.
+
+    Every process uses the whole stack, so the gradient of a process's own tensor is the sum,
+    over the processes, of the gradients that reach its row: an all-reduce of the stack's
+    gradient, then this process's row. Works with gloo (CPU) and NCCL (torch's
+    ``torch.distributed.nn.all_gather`` needs reduce_scatter, which gloo lacks)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
+        total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        return total[dist.get_rank()]
 
 
 def distributed_world() -> bool:
@@ -395,15 +578,37 @@ def distributed_world() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count, mean and M2 (sum of squared deviations from the mean) of the union of parts,
+    from each part's: ``counts`` (P,), ``means`` and ``m2s`` (P, C). Differentiable.
+
+    Chan, Golub & LeVeque's parallel formula (1979), for P parts at once::
+
+        n = sum_i n_i        mean = sum_i n_i mean_i / n
+        M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2
+
+    Each part's M2 comes from deviations from its own mean, so nothing cancels: the sums
+    S2 / n - mean^2 lose every digit the mean has over the spread (in float32 at |mean| / std
+    = 300, a variance error of a few percent; here that of torch's own BN)."""
+    count = counts.sum()
+    mean = (counts.unsqueeze(1) * means).sum(0) / count
+    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
+    return count, mean, m2
+
+
 class SyncBatchNorm2d(VirtualBatchNorm2d):
     """BN whose statistics cover every worker of the step, virtual and real.
 
     One process: BN over the whole batch (``batch * workers`` images); ``virtual_batch`` is
     ignored in training. Several processes (torch.distributed initialized, world size > 1): each
-    process sums x and x^2 per channel over its images, the sums and the count are all-reduced
-    with :class:`AllReduceSum` (gloo on CPU, NCCL on GPU; ``torch.nn.SyncBatchNorm`` refuses CPU
-    modules), and ``mean = S1 / n``, ``var = S2 / n - mean^2`` normalize every process's images.
-    The running statistics are updated from these global moments (unbiased variance).
+    process takes the count, mean and M2 (sum of squared deviations from its own mean, two
+    passes) of each channel over its images; :class:`AllGather` (gloo on CPU, NCCL on GPU;
+    ``torch.nn.SyncBatchNorm`` refuses CPU modules) brings every process's to every process, and
+    :func:`merge_moments` (Chan et al.) gives the step's mean and biased variance ``M2 / n``,
+    which normalize every process's images. The gradient flows through the gathered moments to
+    every process's input. The running statistics are updated from the step's moments
+    (unbiased variance ``M2 / (n - 1)``).
 
     The evaluation tools of :mod:`normbench.bn_eval` (``frozen`` / ``collect`` modes) take
     statistics per chunk of ``virtual_batch`` images on this process only; they set
@@ -421,17 +626,18 @@ class SyncBatchNorm2d(VirtualBatchNorm2d):
     def _synchronized_forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = full_precision(x)
         channels = x.shape[1]
-        count = torch.full((1,), x.numel() // channels, dtype=xf.dtype, device=x.device)
-        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
-        total = AllReduceSum.apply(local)
-        n = total[-1]
-        mean = total[:channels] / n
-        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0.0)
+        mean, var = moments(xf, (0, 2, 3))
+        values = x.numel() // channels
+        count = torch.full((1,), values, dtype=xf.dtype, device=x.device)
+        local = torch.cat([count, mean.flatten(), var.flatten() * values])
+        parts = AllGather.apply(local)  # (processes, 1 + 2 * channels)
+        n, mean, m2 = merge_moments(parts[:, 0], parts[:, 1:channels + 1],
+                                    parts[:, channels + 1:])
         self._absorb({"running_mean": mean.unsqueeze(0),
-                      "running_var": (var * (n / (n - 1))).unsqueeze(0)})
-        scale = torch.rsqrt(var + self.eps) * self.weight
-        shift = self.bias - mean * scale
-        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+                      "running_var": (m2 / (n - 1)).unsqueeze(0)})
+        scale = torch.rsqrt(m2 / n + self.eps) * self.weight
+        # (x - mean) first: x * scale + (bias - mean * scale) would cancel |mean| / std digits
+        return (x - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 # ---- batch-independent layers ----------------------------------------------------------------
@@ -459,9 +665,12 @@ class FilterResponseNorm2d(nn.Module):
 
     No mean is subtracted; TLU's learned threshold makes up for it. ``apply_act=False`` (a unit
     with no activation, e.g. the last of a residual branch) leaves out the TLU: ``z = y``.
-    ``learnable_eps`` is the paper's remedy for 1x1 maps, where ``x_hat`` collapses to sign(x):
+    ``learnable_eps`` is the paper's remedy for 1x1 maps (section 3.3), where ``nu2 = x^2`` and
+    with a tiny eps ``x_hat`` collapses to sign(x), which passes no gradient: the eps becomes
     ``eps + |eps_learned|``, with ``eps_learned`` starting at 1e-4 (it must start away from 0,
-    where |.| has no gradient).
+    where |.| has no gradient), and ``x_hat = x / sqrt(x^2 + eps)`` is a smooth function the
+    network can tune. So a layer with a learned eps may normalize a single value per statistic
+    (``min_values_per_statistic = 1``); one without may not (2, like every norm).
     """
 
     def __init__(self, num_features: int, *, eps: float = FRN_EPS, learnable_eps: bool = False,
@@ -472,6 +681,7 @@ class FilterResponseNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.tau = nn.Parameter(torch.zeros(num_features)) if apply_act else None
         self.eps_learned = nn.Parameter(torch.tensor(1e-4)) if learnable_eps else None
+        self.min_values_per_statistic = 1 if learnable_eps else MIN_VALUES_PER_STATISTIC
 
     def values_per_statistic(self, batch: int, channels: int, height: int, width: int) -> int:
         return height * width
@@ -626,19 +836,28 @@ def _build_bn(num_channels: int, *, eps: float = EPS, momentum: float = 0.1,
 
 
 def _build_brn(num_channels: int, *, eps: float = EPS, momentum: float = 0.01,
-               r_max: float = 1.5, d_max: float = 0.5, warmup_steps: int = 5000,
-               r_max_reached_at: int = 40000, d_max_reached_at: int = 25000,
+               r_max: float = 1.5, d_max: float = 0.5, warmup_until: float = 0.04,
+               r_max_reached_at: float = 0.3, d_max_reached_at: float = 0.2,
                virtual_batch: int | None = None) -> nn.Module:
+    for key, value in (("r_max", r_max), ("d_max", d_max), ("warmup_until", warmup_until),
+                       ("r_max_reached_at", r_max_reached_at),
+                       ("d_max_reached_at", d_max_reached_at)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise NormConfigError(f"brn: {key}={value!r} is not allowed; it must be a number")
     if r_max < 1 or d_max < 0:
         raise NormConfigError(f"brn: r_max={r_max}, d_max={d_max} are not allowed; r_max must "
                               f"be >= 1 and d_max >= 0")
-    for key, step in (("r_max_reached_at", r_max_reached_at),
-                      ("d_max_reached_at", d_max_reached_at)):
-        if warmup_steps < 0 or step < warmup_steps:
-            raise NormConfigError(f"brn: {key}={step} is not allowed with warmup_steps="
-                                  f"{warmup_steps}; it must be >= warmup_steps >= 0")
+    if not 0 <= warmup_until <= 1:
+        raise NormConfigError(f"brn: warmup_until={warmup_until} is not allowed; it is a "
+                              f"fraction of the run's training steps, between 0 and 1")
+    for key, fraction in (("r_max_reached_at", r_max_reached_at),
+                          ("d_max_reached_at", d_max_reached_at)):
+        if not warmup_until <= fraction <= 1:
+            raise NormConfigError(f"brn: {key}={fraction} is not allowed with warmup_until="
+                                  f"{warmup_until}; it is a fraction of the run's training "
+                                  f"steps, between warmup_until and 1")
     return BatchRenorm2d(num_channels, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max,
-                         warmup_steps=warmup_steps, r_max_reached_at=r_max_reached_at,
+                         warmup_until=warmup_until, r_max_reached_at=r_max_reached_at,
                          d_max_reached_at=d_max_reached_at, virtual_batch=virtual_batch)
 
 
@@ -769,6 +988,13 @@ def build_norm(name: str, num_channels: int, *, virtual_batch: int | None = None
     return spec.build(num_channels, **options)
 
 
+def min_values_per_statistic(layer: nn.Module) -> int:
+    """The fewest values ``layer`` (a norm layer) can take a statistic over in training:
+    :data:`MIN_VALUES_PER_STATISTIC`, or 1 for a layer that says it can (FRN with a learned
+    eps, the case that option exists for)."""
+    return getattr(layer, "min_values_per_statistic", MIN_VALUES_PER_STATISTIC)
+
+
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every norm layer in ``model`` (those that define
     ``values_per_statistic``; it returns None for a layer without statistics)."""
@@ -797,9 +1023,12 @@ def build_activation(name: str) -> nn.Module:
                               f"{', '.join(ACTIVATIONS)}") from None
 
 
-__all__ = ["ACTIVATIONS", "EPS", "FRN_EPS", "NORMS", "STATS_MODES", "WS_EPS", "AllReduceSum",
+__all__ = ["ACTIVATIONS", "CHUNKED_BN_DEFAULT", "CHUNKED_BN_VARIANTS", "EPS", "FRN_EPS",
+           "MIN_VALUES_PER_STATISTIC", "NORMS", "STATS_MODES", "WS_EPS", "AllGather",
            "BatchRenorm2d", "BatchStatistics", "ChunkBatchNorm", "EvoNormB0", "EvoNormS0",
            "FilterResponseNorm2d", "GroupNorm2d", "NormConfigError", "NormSpec", "StatisticsSum",
            "SyncBatchNorm2d", "VirtualBatchNorm2d", "WSConv2d", "build_activation", "build_norm",
-           "chunk_moments", "distributed_world", "groups_for", "moments", "norm_layers",
-           "norm_options", "norm_spec", "worker_chunks"]
+           "chunk_moments", "chunked_bn_variant", "distributed_world", "folded_batch_norm",
+           "groups_for", "hand_written_batch_norm", "merge_moments", "min_values_per_statistic",
+           "moments", "name_batch_statistics_layers", "norm_layers", "norm_options", "norm_spec",
+           "per_worker_batch_norm", "set_total_steps", "use_chunked_bn", "worker_chunks"]

@@ -51,7 +51,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 import yaml
 
 log = logging.getLogger(__name__)
@@ -493,6 +492,8 @@ class RunFolder:
         missing = [key for key in CHECKPOINT_KEYS if key not in state]
         if missing:
             raise ValueError(f"a checkpoint needs {', '.join(missing)}")
+        import torch  # here: the readers of records (results, report) do not need torch
+
         buffer = io.BytesIO()
         torch.save(dict(state), buffer)
         _fsync_write(self.checkpoint_path, buffer.getbuffer(), self._rotate_checkpoints)
@@ -551,6 +552,8 @@ class RunFolder:
 
     @staticmethod
     def _read_checkpoint(path: Path) -> dict[str, Any]:
+        import torch
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated zip, bad pickle, ...: all mean "unreadable"

@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from normbench import plots
-from normbench.records import (COMMAND_FILE, COMPLETED, DIVERGED, FAILED, STATUSES, last_written,
-                               read_launches, read_sweep_commands)
+from normbench import plots, tracking
+from normbench.records import (COMMAND_FILE, COMPLETED, DIVERGED, FAILED, INCOMPLETE, STATUSES,
+                               last_written, read_launches, read_sweep_commands)
 from normbench.results import (
     KERAS_RESNET32_CIFAR10,
     KERAS_SOURCE,
@@ -29,11 +29,18 @@ from normbench.results import (
     PAPER_GN_GROUPS,
     PAPER_RESNET50_IMAGENET,
     PAPER_SOURCE,
+    STAT_COLUMNS,
     curves_of,
     extra_factors,
+    format_value,
+    iter_series,
     load_runs,
+    ordered_placements,
+    series_columns,
+    series_label,
     summarize,
     swept_columns,
+    varying_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -136,10 +143,10 @@ def _batches_descending(*frames: pd.DataFrame) -> list[int]:
 
 def _series(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Return (label, cells) per table row: norm plus any extra factor of the experiment."""
-    keys = plots.series_columns(summary, exclude=(*plots.STAT_COLUMNS, "batch", "placement"))
-    varying = plots.varying_columns(summary, keys)
-    return [(plots.series_label(key, varying), cells)
-            for key, cells in plots.iter_series(summary, keys)]
+    keys = series_columns(summary, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    varying = varying_columns(summary, keys)
+    return [(series_label(key, varying), cells)
+            for key, cells in iter_series(summary, keys)]
 
 
 def _cells_by_batch(cells: pd.DataFrame, batches: Sequence[int]) -> list[str]:
@@ -152,7 +159,7 @@ def results_tables(summary: pd.DataFrame) -> str:
     batches = _batches_descending(summary)
     header = ["norm", *[f"batch {b}" for b in batches]]
     sections = []
-    for placement in plots.ordered_placements(summary):
+    for placement in ordered_placements(summary):
         cells = summary if placement is None else summary[summary["placement"] == placement]
         rows = [[label, *_cells_by_batch(series, batches)] for label, series in _series(cells)]
         title = plots.PLACEMENT_TITLES.get(placement, f"placement {placement}")
@@ -175,7 +182,7 @@ def _ours_by_placement(summary: pd.DataFrame, norm: str, placements: Sequence) -
 def comparison_table(summary: pd.DataFrame, reference: pd.DataFrame, reference_name: str) -> str:
     """Return a table with our row and the reference row of each norm next to each other."""
     batches = _batches_descending(summary, reference)
-    placements = plots.ordered_placements(summary)
+    placements = ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"]) | set(reference["norm"])):
         for label, series in _ours_by_placement(summary, norm, placements):
@@ -191,6 +198,15 @@ def _signed(value: float) -> str:
     return MISSING if pd.isna(value) else f"{value:+.2f}"
 
 
+def shape_references(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Return the published (name, frame) pairs whose shape ours is compared with: the paper's
+    ResNet-50 ImageNet numbers always, the Keras ResNet-32 ones for CIFAR-10."""
+    references = [("paper, ResNet-50 ImageNet", PAPER_RESNET50_IMAGENET)]
+    if is_cifar10(runs):
+        references.append(("Keras ResNet-32 CIFAR-10", KERAS_RESNET32_CIFAR10))
+    return references
+
+
 def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
     """Return each norm's error at every batch minus its own error at the largest batch, ours
     (mean over completed seeds) beside the references' (name, frame) with the same base batch.
@@ -202,7 +218,7 @@ def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFr
     if len(batches) < 2:
         return None
     base = batches[0]
-    placements = plots.ordered_placements(summary)
+    placements = ordered_placements(summary)
     rows = []
     for norm in sorted(set(summary["norm"])):
         for label, series in _ours_by_placement(summary, norm, placements):
@@ -282,7 +298,7 @@ def settings_lines(runs: pd.DataFrame) -> list[str]:
     """Return markdown bullets: what was swept (with its values) and the key fixed settings."""
     lines = []
     for column in swept_columns(runs):
-        values = sorted({plots.format_value(v) for v in runs[column].dropna()}, key=_natural)
+        values = sorted({format_value(v) for v in runs[column].dropna()}, key=_natural)
         lines.append(f"- swept `{column}`: {', '.join(values)}")
     for column in KEY_SETTINGS:
         value = _single_value(runs, column)
@@ -424,8 +440,9 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
             reference, reference_label = PAPER_RESNET50_IMAGENET, "paper"
         elif is_cifar10(runs):
             reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
-        figures["error_vs_batch"] = plots.error_vs_batch(summary, reference=reference,
+        figures["error_vs_batch"] = plots.error_vs_batch(summary, runs=runs, reference=reference,
                                                          reference_label=reference_label)
+        figures["shape_vs_batch"] = plots.shape_vs_batch(summary, shape_references(runs))
     curves = curves_of(runs) if curves is None else curves
     if not curves.empty:
         for batch in sorted({int(summary["batch"].max()), int(summary["batch"].min())}, reverse=True):
@@ -433,7 +450,8 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
     # A groups sweep is always a reproduction of the paper's Table 3, so its numbers are drawn too.
     figures["groups_ablation"] = plots.groups_ablation(summary, reference=True)
     if "bn_gap" in runs.columns:
-        figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by))
+        figures["bn_gap_vs_batch"] = plots.bn_gap_vs_batch(summarize(runs, metric="bn_gap", by=by),
+                                                           runs=runs)
     return {name: figure for name, figure in figures.items() if figure is not None}
 
 
@@ -454,6 +472,8 @@ def save_figures(figures: dict[str, Figure], figure_dir: Path) -> dict[str, Path
 FIGURE_CAPTIONS = {
     "error_vs_batch": "Error against batch per worker (as the paper's Figure 1). x marks a cell "
                       "where seeds diverged.",
+    "shape_vs_batch": "Each norm's error minus its own error at the largest batch, ours (solid) "
+                      "beside the published numbers (dashed): the shape the paper claims.",
     "groups_ablation": "GN error against number of groups and channels per group (as the paper's "
                        "Table 3).",
     "bn_gap_vs_batch": "Test error with batch statistics minus test error with running statistics.",
@@ -523,10 +543,7 @@ def render_report(
                   "from ours: compare the shape across batches, not the level.", "",
                   comparison_table(median5, KERAS_RESNET32_CIFAR10, "Keras ResNet-32"), ""]
 
-    references = [("paper, ResNet-50 ImageNet", PAPER_RESNET50_IMAGENET)]
-    if is_cifar10(runs):
-        references.append(("Keras ResNet-32 CIFAR-10", KERAS_RESNET32_CIFAR10))
-    shape = shape_table(median5, references)
+    shape = shape_table(median5, shape_references(runs))
     if shape:
         base = _batches_descending(median5)[0]
         parts += [f"## Shape: error relative to batch {base}", "",
@@ -561,22 +578,64 @@ def render_report(
     return "\n".join(parts)
 
 
-def log_report_to_wandb(name: str, out_dir: Path, figure_paths: dict[str, Path],
-                        summary: pd.DataFrame) -> None:
-    """Log the figures and the summary table as one W&B run (offline unless WANDB_MODE says)."""
-    import wandb  # only needed here; keeps `import normbench.report` light
+def wandb_destination(runs: pd.DataFrame) -> dict[str, str | None]:
+    """Return the W&B project, entity and group the runs were logged to (their configs'
+    ``wandb.*``), where the report's own run goes too, so it sits beside them."""
+    destination: dict[str, str | None] = {}
+    for key in ("project", "entity", "group"):
+        column = f"wandb.{key}"
+        values = sorted({str(v) for v in runs[column].dropna()}) if column in runs.columns else []
+        if len(values) > 1:
+            raise ValueError(f"the runs were logged to several W&B {key}s ({', '.join(values)}; "
+                             f"config key {column}): report them one {key} at a time")
+        destination[key] = values[0] if values else None
+    if destination["project"] is None:
+        raise ValueError("the runs' configs record no wandb.project, so the report has no W&B "
+                         "project to log to")
+    return destination
 
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "normbench"),
-        name=f"report-{name}",
-        job_type="report",
-        mode=os.environ.get("WANDB_MODE", "offline"),
-        dir=str(out_dir),
-        config={"experiment": name},
-    )
-    images = {f"figures/{stem}": wandb.Image(str(path)) for stem, path in figure_paths.items()}
-    run.log({**images, "summary": wandb.Table(dataframe=summary)})
-    run.finish()
+
+def error_vs_batch_table(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return one row per cell for W&B to chart: `line` (the series' legend label, with the
+    placement when several), its keys (norm, placement, batch, ...), `median5_error` (mean over
+    completed seeds) and its `median5_error_std`, `final_error`, `seeds` (completed) and the
+    seeds that diverged, failed or are incomplete."""
+    median5, final = summaries["median5_error"], summaries["final_error"]
+    keys = series_columns(median5, exclude=(*STAT_COLUMNS, "batch", "placement"))
+    cell_keys = [c for c in median5.columns if c not in STAT_COLUMNS]
+    # summarize() orders cells by their keys: both summaries hold the same cells in one order.
+    if not median5[cell_keys].equals(final[cell_keys]):
+        raise ValueError("the median5_error and final_error summaries hold different cells")
+    varying = varying_columns(median5, keys)
+    several_placements = len(ordered_placements(median5)) > 1
+    lines = []
+    for _, cell in median5.iterrows():
+        label = series_label({key: cell[key] for key in keys}, varying)
+        lines.append(f"{label}, {cell['placement']}" if several_placements else label)
+    table = median5[cell_keys].copy()
+    table.insert(0, "line", lines)
+    table["median5_error"] = median5["mean"]
+    table["median5_error_std"] = median5["std"]
+    table["final_error"] = final["mean"].to_numpy()
+    table["seeds"] = median5["count"]
+    for status in (DIVERGED, FAILED, INCOMPLETE):
+        table[status] = median5[status]
+    return table
+
+
+def log_report_to_wandb(name: str, runs: pd.DataFrame, out_dir: Path,
+                        figure_paths: dict[str, Path], summaries: dict[str, pd.DataFrame]) -> str:
+    """Log the figures, the error-vs-batch table (with a W&B line chart of it) and the whole
+    summary as one W&B run of job_type `report`, in the runs' project and group; return the
+    W&B mode used (WANDB_MODE, offline by default). The run's files go to out_dir/wandb."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    tracking.log_report(
+        {**wandb_destination(runs), "mode": mode}, out_dir, name=f"report-{name}",
+        config={"experiment": name, "runs": len(runs)}, figures=figure_paths,
+        tables={"error_vs_batch": error_vs_batch_table(summaries),
+                "summary": pd.concat(summaries.values(), ignore_index=True)},
+        line_charts=[("error_vs_batch_chart", "error_vs_batch", "batch", "median5_error", "line")])
+    return mode
 
 
 def write_report(
@@ -596,7 +655,8 @@ def write_report(
         report's Discussion section, so regenerating the report keeps it.
     leave_out: metrics of OPTIONAL_METRICS to leave out of the tables, CSVs and figures (the
         report says so), e.g. where the records of a diagnostic are known to be wrong.
-    log_to_wandb: also log figures and the summary to one W&B run in out_dir/wandb.
+    log_to_wandb: also log figures and tables to one W&B run (files in out_dir/wandb), in the
+        runs' W&B project and group.
     """
     experiment_dir, out_dir = Path(experiment_dir), Path(out_dir)
     unknown = [m for m in leave_out if m not in OPTIONAL_METRICS]
@@ -639,6 +699,6 @@ def write_report(
     ))
     log.info("wrote %s", report_path)
     if log_to_wandb:
-        log_report_to_wandb(name, out_dir, figure_paths, summary)
-        log.info("logged figures and summary to W&B (mode %s)", os.environ.get("WANDB_MODE", "offline"))
+        mode = log_report_to_wandb(name, runs, out_dir, figure_paths, summaries)
+        log.info("logged figures and tables to W&B (mode %s)", mode)
     return report_path

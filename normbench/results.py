@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,67 @@ def summarize(
         )
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, "metric", "mean", "std", "count", "diverged", "failed", "incomplete"])
+
+
+# --------------------------------------------------------------------------- series of cells
+# Which cells of a summary (or rows of a curves frame) make one line of a figure or one row of a
+# table, and how that series is named. Tables (normbench.report) and figures (normbench.plots)
+# share them, so a series has the same label in both.
+
+# Columns summarize() adds; every other column of a summary is a key of the cell.
+STAT_COLUMNS = ("metric", "mean", "std", "count", "diverged", "failed", "incomplete")
+# Columns of load_curves() that are not keys of a learning curve.
+CURVE_VALUE_COLUMNS = (
+    "run_dir", "status", "seed", "epoch", "step", "train_loss", "train_error", "test_loss",
+    "test_error", "lr", "images_per_second", "epoch_time", "wall_time", "train_mode_test_error",
+    "bn_gap",
+)
+
+
+def series_columns(frame: pd.DataFrame, exclude: Sequence[str]) -> list[str]:
+    """Return the key columns that tell one line from another: `norm` first, then others."""
+    keys = [c for c in frame.columns if c not in exclude]
+    return sorted(keys, key=lambda c: (c != "norm", c))
+
+
+def format_value(value: object) -> str:
+    """Return a config value as text: 32.0 (a number pandas made float) reads as 32."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def series_label(key: dict, varying: Sequence[str]) -> str:
+    """Return a legend label: the norm, plus `name=value` for other keys that vary."""
+    name = str(key.get("norm", "runs"))
+    shown = [c for c in varying if c != "norm" and not pd.isna(key[c])]
+    if "norm.group_channels" in shown:
+        # channels per group replaces the number of groups, which then only holds its default
+        shown = [c for c in shown if c != "norm.groups"]
+    details = [f"{column.split('.')[-1]}={format_value(key[column])}" for column in shown]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def iter_series(frame: pd.DataFrame, keys: Sequence[str]) -> Iterator[tuple[dict, pd.DataFrame]]:
+    """Yield (key as {column: value}, rows) per line, in sorted order; missing values kept."""
+    if not keys:
+        yield {}, frame
+        return
+    for values, rows in frame.groupby(list(keys), dropna=False, sort=True):
+        yield dict(zip(keys, values, strict=True)), rows
+
+
+def varying_columns(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """Return the keys that take more than one value (a missing value counts as one)."""
+    return [c for c in keys if frame[c].nunique(dropna=False) > 1]
+
+
+def ordered_placements(frame: pd.DataFrame) -> list:
+    """Return the placements in the frame, `before` (the usual conv -> norm -> act) first."""
+    if "placement" not in frame.columns:
+        return [None]
+    present = list(frame["placement"].dropna().unique())
+    return sorted(present, key=lambda p: (p != "before", p != "after", str(p)))
 
 
 # --------------------------------------------------------------------------- published numbers

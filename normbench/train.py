@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (ConfigError, build_model_from_config, config_differences, flat_config,
-                     run_key, run_name, validate_config)
+from .config import (ConfigError, build_model_from_config, config_differences, run_key,
+                     run_name, validate_config)
 from .archive import archive_folder, archive_run, archived_summary, commit_archive
 from .bn_eval import dedicated_epoch, statistics_batch
 from .distributed import (average_over_processes, average_running_statistics,
@@ -40,6 +40,7 @@ from .distributed import (average_over_processes, average_running_statistics,
 from .evaluation import evaluate_epoch
 from .fast_paths import use_channels_last
 from .machine import cpu_features, cpu_has_bf16, describe_machine
+from .norms import set_total_steps
 from .records import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RESUMED, RUN_KEY_ENTRY,
                       SKIPPED, TRAINED, OtherProcessRunFolder, RecordsError, RunFolder,
                       failure_summary, sigterm_interrupts)
@@ -159,10 +160,12 @@ class Trainer:
                              f"training images, fewer than one step of batch x workers = "
                              f"{self.global_batch}")
         self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
+        set_total_steps(self.model, cfg["epochs"] * len(self.train_loader))  # BRN's schedule
         # channels_last (NHWC) where it is faster for this norm and device; the inputs are put
         # in the same format in every step (a conv fed NCHW would transpose them itself).
         self.memory_format = (torch.channels_last if use_channels_last(
-            cfg["channels_last"], cfg["norm"]["name"], self.device) else torch.contiguous_format)
+            cfg["channels_last"], cfg["norm"]["name"], self.device, self.amp_dtype)
+            else torch.contiguous_format)
         self.model.to(memory_format=self.memory_format)
         # What a training step calls: DDP around the model with several processes. The plain
         # model is evaluated and checkpointed (no "module." prefix: checkpoints do not depend
@@ -319,6 +322,7 @@ class Trainer:
             # what the run actually used where the config says auto
             "precision": precision_used(self.amp_dtype),
             "channels_last": self.memory_format == torch.channels_last,
+            "num_workers": self.data_info.num_workers,  # DataLoader processes (0: data on device)
             "machine": describe_machine(self.device),
             "processes": self.processes,
             "skipped_files": self.data_info.skipped_files,  # unreadable images skipped
@@ -388,8 +392,8 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         outcome = RESUMED
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
     wandb_settings = cfg["wandb"] if is_first_process() else {**cfg["wandb"], "mode": "disabled"}
-    tracker = Tracker(wandb_settings, folder.path, {**flat_config(cfg), "config": dict(cfg)},
-                      run_id=trainer.wandb_id, name=run_name(cfg))
+    tracker = Tracker(wandb_settings, folder.path, cfg, run_id=trainer.wandb_id,
+                      name=run_name(cfg), history=trainer.history)
     trainer.wandb_id = tracker.run_id
     try:
         summary = trainer.fit(tracker)

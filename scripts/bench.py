@@ -2,21 +2,24 @@
 
     python scripts/bench.py [--device cpu|cuda] [--quick] [--items 1,2,3] --out results/bench
 
-Prints a table and writes OUT/bench.json and OUT/bench.md with the command, hardware, versions
-and per-item targets with pass/fail. The items (normbench/bench.py describes each):
+Prints a table and writes OUT/bench.json and OUT/bench.md with the command, hardware (CPU model
+and whether it has bf16 units), versions and per-item targets with pass/fail. The items
+(scripts/benchkit/ describes each):
 
   1 framework overhead: normbench's training step / a hand-written loop      target <= 1.05
-  2 virtual workers: a workers=8 batch=2 step / plain BN on the same images   target <= 1.15
+  2 per-worker BN: a workers=8 batch=2 step, each implementation / plain BN  target <= 1.15
   3 an epoch of 8 virtual workers x 2 images vs 8x more steps of 2 images     target >= 3x (CPU)
   4 every norm's step time relative to bn, at batch 32 and 2
   5 input pipeline images/s / training images/s                               target >= 3
   6 ResNet-50 images/s, bn and gn, eager and compiled (CUDA only)    gn >= 0.8x bn; bn bf16
                                                                      at 224 >= 3000/s (H100)
-  7 channels_last and torch.compile against the eager NCHW step
+  7 torch.compile against the eager step (CUDA, or --compile)
+  8 the default path / today's (fp32, NCHW, hand-written BN)  target >= 1.5 (bf16 CPU)
+  9 channels_last / NCHW per model, norm, precision, batch (channels_last=auto's rule)
+ 10 bf16 vs fp32 test error of a short training run, against the seed spread
 
 On a CPU the CIFAR ResNet-20 at 32x32 is used (item 6 is skipped, and says so). --quick is a
-smoke test (ResNet-8 at 16x16, fewer repetitions; under a minute): its numbers are not the
-benchmark's.
+smoke test (ResNet-8 at 16x16, fewer repetitions): its numbers are not the benchmark's.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 import torch  # noqa: E402
 
-from normbench import bench  # noqa: E402
+import benchkit  # noqa: E402  (scripts/benchkit/, beside this file)
+from benchkit import measure  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke mode (seconds, not figures)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench",
                         help="folder for bench.json and bench.md (default results/bench)")
-    parser.add_argument("--items", default=",".join(str(i) for i in bench.ITEMS),
+    parser.add_argument("--items", default=",".join(str(i) for i in benchkit.ITEMS),
                         help="comma-separated item numbers (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repetitions per comparison (default 7; 3 with --quick)")
@@ -60,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "resnet20; resnet8 with --quick)")
     parser.add_argument("--gpu-sizes", default="32,224",
                         help="item 6: input sizes (32: cifar stem, 224: imagenet stem)")
+    parser.add_argument("--variant", choices=("default", "today"), default="default",
+                        help="how items 1-7 run their steps: the default path, or today's "
+                             "(fp32, NCHW, hand-written per-worker BN); items 8-10 compare both")
     parser.add_argument("--gpu-modes", default="eager,compiled",
                         help="item 6: eager and/or compiled (compiling ResNet-50 takes minutes)")
     args = parser.parse_args(argv)
@@ -73,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.items = sorted({int(i) for i in args.items.split(",") if i.strip()})
     except ValueError:
         parser.error(f"--items {args.items!r}: give item numbers, e.g. 1,2,3")
-    unknown = [i for i in args.items if i not in bench.ITEMS]
+    unknown = [i for i in args.items if i not in benchkit.ITEMS]
     if unknown:
-        parser.error(f"--items: unknown item(s) {unknown}; known: {list(bench.ITEMS)}")
+        parser.error(f"--items: unknown item(s) {unknown}; known: {list(benchkit.ITEMS)}")
     return args
 
 
@@ -99,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       else "cpu")
     device = torch.device(name)
     model = args.model or ("resnet8" if args.quick else "resnet20")
-    ctx = bench.Context(
+    ctx = measure.Context(
         device=device, base_config=base_config(device, model), quick=args.quick,
         repeats=args.repeats or (3 if args.quick else 7), model=model,
         image_size=16 if args.quick else 32, compile=args.compile,
-        num_workers=args.num_workers, gpu_sizes=args.gpu_sizes, gpu_modes=args.gpu_modes)
+        num_workers=args.num_workers, gpu_sizes=args.gpu_sizes, gpu_modes=args.gpu_modes,
+        variant=measure.TODAY if args.variant == "today" else measure.DEFAULT)
     command = "python " + " ".join(shlex.quote(a) for a in
                                    [str(Path(sys.argv[0]).resolve().relative_to(ROOT))
                                     if Path(sys.argv[0]).resolve().is_relative_to(ROOT)
@@ -111,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device.type, "quick": args.quick, "repeats": ctx.repeats, "model": ctx.model,
-        "hardware": bench.hardware(device), "versions": bench.versions(),
-        "load_before": bench.load_average(), "items": {},
+        "variant": {"name": ctx.variant.name, "bn": ctx.variant.describe("bn", device),
+                    "gn": ctx.variant.describe("gn", device)},
+        "hardware": measure.hardware(device), "versions": measure.versions(),
+        "load_before": measure.load_average(), "items": {},
     }
     print(f"normbench benchmark on {device.type}: {report['hardware']['cpu']}, "
           f"{report['hardware']['torch_threads']} torch threads, GPU "
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for number in args.items:
         item_start = time.perf_counter()
-        item = bench.ITEMS[number](ctx)
+        item = benchkit.ITEMS[number](ctx)
         item.seconds = time.perf_counter() - item_start
         report["items"][item.key] = item.as_dict()
         if item.skipped:
@@ -133,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{number}] {row.what}: ratio {ratio}"
                       f"{f' (target {row.target})' if row.target else ''}{verdict}", flush=True)
     report["seconds"] = time.perf_counter() - start
-    report["load_after"] = bench.load_average()
+    report["load_after"] = measure.load_average()
     print()
-    print(bench.render_table(report))
+    print(measure.render_table(report))
     if device.type != "cuda":
-        print(f"\n{bench.NO_GPU_LINE}")
+        print(f"\n{measure.NO_GPU_LINE}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "bench.md").write_text(bench.render_markdown(report))
+    (args.out / "bench.md").write_text(measure.render_markdown(report))
     print(f"\nwrote {args.out / 'bench.md'} and {args.out / 'bench.json'} "
           f"({report['seconds']:.0f} s)")
     return 0

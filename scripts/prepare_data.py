@@ -1,114 +1,16 @@
 """Unpack an image-folder archive (e.g. ../shared/data/cifar10-jpeg.tar.gz) for dataset=imagefolder.
 
-    python scripts/prepare_data.py                                  # the shared CIFAR-10 JPEGs
-    python scripts/prepare_data.py ARCHIVE --dest DIR --max-per-class 500 --max-test-per-class 100
+The same as `normbench prepare-data` (normbench/commands/prepare_data.py), from a checkout:
 
-The archive holds train/CLASS/IMAGE and val/ or test/ alike (under any top-level folder). The
-default destination is the folder conf/dataset/imagefolder.yaml reads by default
-($NORMBENCH_DATA/cifar10-jpeg, else ~/.cache/normbench/data/cifar10-jpeg); other archives go
-next to it, named after the archive.
+    python scripts/prepare_data.py --help
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    from normbench.data import DatasetError, extract_image_folder
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
-    from normbench.data import DatasetError, extract_image_folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, installed or not
 
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
-
-
-def default_image_folder_root() -> Path:
-    """dataset.root of conf/dataset/imagefolder.yaml, resolved: the default lives in one place."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.load(REPO / "conf" / "dataset" / "imagefolder.yaml")
-    return Path(os.path.expanduser(str(config.root)))
-
-
-def archive_stem(archive: Path) -> str:
-    """cifar10-jpeg.tar.gz -> cifar10-jpeg."""
-    name = archive.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return archive.stem
-
-
-def default_dest(archive: Path) -> Path:
-    root = default_image_folder_root()
-    return root.parent / archive_stem(archive)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Unpack an image-folder tar archive (train/ and val/ or test/, one folder per "
-        "class) into a cache folder for dataset=imagefolder.",
-    )
-    parser.add_argument(
-        "archive",
-        nargs="?",
-        type=Path,
-        default=DEFAULT_ARCHIVE,
-        help=f"tar, tar.gz, tar.bz2 or tar.xz archive (default: {DEFAULT_ARCHIVE})",
-    )
-    parser.add_argument(
-        "--dest",
-        type=Path,
-        default=None,
-        help="folder to unpack into (default: named after the archive, next to dataset.root of "
-        "conf/dataset/imagefolder.yaml; for cifar10-jpeg.tar.gz that root itself)",
-    )
-    parser.add_argument(
-        "--max-per-class",
-        type=int,
-        default=None,
-        metavar="K",
-        help="unpack only the first K training images of each class (sorted by name)",
-    )
-    parser.add_argument(
-        "--max-test-per-class",
-        type=int,
-        default=None,
-        metavar="K",
-        help="unpack only the first K test (or val) images of each class (sorted by name)",
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    dest = (args.dest or default_dest(args.archive)).expanduser()
-    if (dest / "train").is_dir():
-        print(f"{dest} already holds train/; nothing to do (delete it to unpack again)")
-        return 0
-    print(f"unpacking {args.archive} into {dest}")
-    try:
-        root = extract_image_folder(
-            args.archive,
-            dest,
-            max_per_class=args.max_per_class,
-            max_test_per_class=args.max_test_per_class,
-        )
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"done: the image folder is {root}")
-    if root != default_image_folder_root():
-        print(f"use it with: dataset=imagefolder dataset.root={root}")
-    return 0
-
+from normbench.commands.prepare_data import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

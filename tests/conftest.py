@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from normbench.data.presets import register_preset_resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+register_preset_resolver()  # as the Hydra entry point does: conf/dataset/imagefolder.yaml uses it
 
 # A run that takes seconds on a CPU: the smallest CIFAR ResNet on a small synthetic set.
 # TINY_RUN holds the settings that fit any data set; TINY adds the synthetic data's size.
@@ -26,9 +29,9 @@ TINY = TINY_RUN + ["dataset=synthetic", "dataset.train_size=512", "dataset.test_
 
 def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
     """The resolved config `python run.py <overrides>` would run, as a plain dict."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True)
+    from normbench.hydra_main import compose
+
+    return OmegaConf.to_container(compose(overrides or []), resolve=True)
 
 
 def run_cli(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 300,
@@ -63,3 +66,20 @@ def shared_cifar() -> Path:
         pytest.skip(f"real CIFAR-10 archive not found at {SHARED_CIFAR} (only on the project's "
                     f"machines, beside the checkout in ../shared)")
     return SHARED_CIFAR
+
+
+# ---- CUDA tests: `@pytest.mark.cuda`, skipped where torch sees no CUDA device (make gpu-check) --
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); run "
+                                       "them with `make gpu-check`")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

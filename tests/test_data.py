@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
+import os
 import re
 import tarfile
 import time
@@ -19,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from conftest import compose_config
 from normbench import data
 from normbench.data import DatasetError, build_loaders
 
@@ -82,6 +85,40 @@ def test_dataset_yaml_has_common_keys(name: str) -> None:
 def test_imagefolder_stem_follows_preset() -> None:
     assert dataset_config("imagefolder")["stem"] == "cifar"
     assert dataset_config("imagefolder", preset="imagenet")["stem"] == "imagenet"
+
+
+def test_imagenet_preset_brings_imagenet_defaults_unless_overridden() -> None:
+    from normbench.data.presets import PRESETS
+
+    cifar = compose_config(["dataset=imagefolder"])
+    assert cifar["dataset"]["image_size"] == 32 and cifar["model"]["stem"] == "cifar"
+    assert cifar["dataset"]["mean"] == [0.4914, 0.4822, 0.4465]  # run hashes stay as they were
+    imagenet = compose_config(["dataset=imagefolder", "dataset.preset=imagenet"])["dataset"]
+    assert (imagenet["image_size"], imagenet["stem"]) == (224, "imagenet")
+    assert imagenet["mean"] == [0.485, 0.456, 0.406] and imagenet["std"] == [0.229, 0.224, 0.225]
+    assert {k: imagenet[k] for k in PRESETS["imagenet"]} == PRESETS["imagenet"]
+    mine = compose_config(["dataset=imagefolder", "dataset.preset=imagenet",
+                           "dataset.image_size=160", "dataset.mean=[0.5,0.5,0.5]"])["dataset"]
+    assert (mine["image_size"], mine["mean"], mine["std"]) == (160, [0.5] * 3, imagenet["std"])
+
+
+def test_preset_defaults_are_written_once() -> None:
+    # The preset's values live in normbench/data/presets.py; the YAML only points at them.
+    text = (REPO / "conf/dataset/imagefolder.yaml").read_text()
+    for key in ("image_size", "mean", "std", "stem"):
+        assert f"{key}: ${{dataset_preset:${{.preset}},{key}}}" in text
+    assert "0.485" not in text and "0.4914" not in text
+
+
+def test_bad_preset_is_named_as_dataset_preset() -> None:
+    from normbench.config import ConfigError, validate_config
+
+    config = compose_config(["dataset=imagefolder", "dataset.preset=bogus"])
+    with pytest.raises((DatasetError, ConfigError), match=r"dataset\.preset='bogus'") as error:
+        validate_config(config)
+    assert "cifar, imagenet" in str(error.value) and "model.stem" not in str(error.value)
+    with pytest.raises(DatasetError, match=r"dataset\.preset='bogus'.*cifar, imagenet"):
+        loaders({**dataset_config("imagefolder"), "preset": "bogus"})
 
 
 def test_unknown_name_lists_known_names() -> None:
@@ -451,7 +488,7 @@ def test_decoded_folder_is_cached_and_reused(folder: Path, monkeypatch: pytest.M
     def no_decoding(path: Path, image_size: int) -> np.ndarray:
         raise AssertionError(f"decoded {path} although it is cached")
 
-    monkeypatch.setattr(data, "_load_rgb_image", no_decoding)
+    monkeypatch.setattr(data.sources, "_load_rgb_image", no_decoding)
     _, cached_test, info = loaders(config, global_batch=4)
     assert_same_batches(test, cached_test)
     assert info.classes == ("cat", "dog", "frog")
@@ -469,6 +506,39 @@ def test_corrupt_image_is_named_or_skipped_and_counted(folder: Path) -> None:
     train, _, info = loaders(folder_config(folder, skip_corrupt=True), global_batch=11)
     assert (info.num_train, info.skipped_files) == (11, 1)
     assert len(epoch_batches(train, 0)) == 1
+
+
+def test_replaced_corrupt_image_is_decoded_again(folder: Path) -> None:
+    # The decoded cache is keyed by what the files are, not only their names: a corrupt image
+    # skipped once and then replaced by a good one must be decoded, not skipped from the cache.
+    bad = folder / "train/frog/02.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"this is not a png")
+    config = folder_config(folder, skip_corrupt=True)
+    assert loaders(config, global_batch=4)[2].skipped_files == 1
+    bad.write_bytes(good)
+    info = loaders(config, global_batch=4)[2]
+    assert (info.num_train, info.skipped_files) == (12, 0)
+
+
+def test_skipped_truncated_jpeg_is_named_in_the_warning(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    jpeg = folder / "train/dog/03.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:400])  # a header and part of the scan: PIL says "truncated"
+    with caplog.at_level(logging.WARNING, logger="normbench.data"):
+        info = loaders(folder_config(folder, skip_corrupt=True), global_batch=4)[2]
+    assert info.skipped_files == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(jpeg) in warnings[0] and "truncated" in warnings[0]
+
+
+def test_root_that_is_a_file_is_called_a_file(tmp_path: Path) -> None:
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"not a folder")
+    with pytest.raises(DatasetError, match="is a file, not a folder") as error:
+        loaders(folder_config(archive))
+    assert "does not exist" not in str(error.value) and str(archive) in str(error.value)
 
 
 def test_missing_root_or_train_folder_says_how_to_prepare(tmp_path: Path) -> None:
@@ -542,6 +612,151 @@ def test_imagenet_preset_corrupt_image(folder: Path) -> None:
     _, test, info = loaders(imagenet_config(folder, skip_corrupt=True), global_batch=4)
     assert (info.num_test, info.skipped_files) == (5, 1)
     assert sum(len(y) for _, y in test) == 5
+
+
+# ----------------------------------------------------------------------------- JPEGs on the GPU
+
+
+def smooth_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A smooth random colour image (JPEG-friendly: decoders and resamplers differ little)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path: Path) -> Path:
+    """root/{train,test}/{cat,dog}/NN.jpg of assorted sizes, one of them greyscale."""
+    root = tmp_path / "jpegs"
+    seed = 0
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                size = (40 + 4 * (seed % 3), 36 + 6 * (seed % 4))
+                smooth_image(seed, size).save(root / split / name / f"{i:02d}.jpg", quality=95)
+                seed += 1
+    smooth_image(99, (44, 40)).convert("L").save(root / "train/dog/03.jpg", quality=95)
+    return root
+
+
+def jpeg_config(root: Path, **overrides: Any) -> dict[str, Any]:
+    options = {"preset": "imagenet", "image_size": 24, "num_classes": 2}
+    return folder_config(root, **{**options, **overrides})
+
+
+def device_loaders(root: Path, device: torch.device) -> tuple[Any, Any]:
+    """The GPU path's loaders, on `device` (the CPU runs the same code, for the tests)."""
+    config = jpeg_config(root)
+    options = data.LoaderOptions(global_batch=4, eval_batch=3, seed=1, device=device, rank=0,
+                                 world_size=1, num_workers=0)
+    layout = data.image_folder_layout(config)
+    train = data.list_image_files(layout.train_dir, layout.classes, None)
+    test = data.list_image_files(layout.test_dir, layout.classes, None)
+    return data.device_jpeg_loaders(*train, *test, image_size=24, augment=True,
+                                    mean=config["mean"], std=config["std"], options=options)
+
+
+def assert_close_to_the_cpu_path(root: Path, train: Any, test: Any) -> None:
+    """Same images, crops, flips and labels as the PIL path; pixels within decoder rounding."""
+    cpu_train, cpu_test, _ = loaders(jpeg_config(root), global_batch=4, eval_batch=3)
+    config = jpeg_config(root)
+    for epoch in (0, 1):
+        pairs = list(zip(epoch_batches(cpu_train, epoch), epoch_batches(train, epoch), strict=True))
+        for (cpu_images, cpu_labels), (images, labels) in pairs:
+            assert torch.equal(labels.cpu(), cpu_labels)
+            difference = (to_uint8(images.cpu(), config).float()
+                          - to_uint8(cpu_images, config).float()).abs()
+            assert difference.mean() < 2.0, difference.mean()  # levels of 255
+    for (cpu_images, cpu_labels), (images, labels) in zip(cpu_test, test, strict=True):
+        assert torch.equal(labels.cpu(), cpu_labels) and images.shape == cpu_images.shape
+        difference = (to_uint8(images.cpu(), config).float()
+                      - to_uint8(cpu_images, config).float()).abs()
+        assert difference.mean() < 2.0, difference.mean()
+
+
+def test_device_jpeg_loader_matches_the_pil_path(jpeg_folder: Path) -> None:
+    train, test = device_loaders(jpeg_folder, CPU)
+    assert_close_to_the_cpu_path(jpeg_folder, train, test)
+
+
+def test_device_jpeg_loader_names_a_bad_file_and_decodes_a_png_named_jpeg(
+    jpeg_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    png = jpeg_folder / "test/cat/01.jpg"
+    smooth_image(7, (30, 30)).save(png, format="PNG")
+    with caplog.at_level(logging.WARNING, logger="normbench.data"):
+        _, test = device_loaders(jpeg_folder, CPU)
+        assert sum(len(labels) for _, labels in test) == 4
+    assert any(str(png) in r.getMessage() for r in caplog.records)
+    bad = jpeg_folder / "test/dog/00.jpg"
+    bad.write_bytes(b"garbage")
+    _, test = device_loaders(jpeg_folder, CPU)
+    with pytest.raises(DatasetError, match=re.escape(str(bad))):
+        list(test)
+
+
+def test_cpu_runs_and_non_jpeg_folders_keep_the_pil_path(jpeg_folder: Path, folder: Path) -> None:
+    assert isinstance(loaders(jpeg_config(jpeg_folder), global_batch=4)[0], data.FolderLoader)
+    assert not data.gpu_jpeg.all_jpeg(data.list_image_files(folder / "train", ["cat"], None)[0])
+
+
+@pytest.mark.cuda
+def test_cuda_run_decodes_jpegs_on_the_gpu_in_batches(jpeg_folder: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cuda = torch.device("cuda")
+    train, test, _ = loaders(jpeg_config(jpeg_folder), global_batch=4, eval_batch=3, device=cuda)
+    assert isinstance(train, data.DeviceJpegLoader) and isinstance(test, data.DeviceJpegLoader)
+    images, labels = epoch_batches(train, 0)[0]
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
+    assert_close_to_the_cpu_path(jpeg_folder, train, test)
+
+
+# ----------------------------------------------------------------------------- DataLoader workers
+
+
+@pytest.mark.parametrize(
+    "cpus,environ,expected",
+    [
+        (16, {}, 15),  # one process: every CPU but the main process's
+        (16, {"LOCAL_WORLD_SIZE": "4"}, 3),  # torchrun: 4 processes share the 16 CPUs
+        (64, {"SLURM_CPUS_PER_TASK": "6"}, 5),  # a SLURM task's own CPUs, not the node's
+        (64, {"SLURM_CPUS_PER_TASK": "16", "LOCAL_WORLD_SIZE": "8"}, 1),  # torchrun in a task
+        (1, {}, 0),
+        (4, {"LOCAL_WORLD_SIZE": "8"}, 0),  # never below 0
+    ],
+)
+def test_auto_num_workers_follows_the_cpus_of_this_process(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, environ: dict[str, str], expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert data.auto_num_workers(environ) == expected
+    assert data.resolve_num_workers("auto", environ) == expected
+    assert data.resolve_num_workers(3, environ) == 3
+
+
+@pytest.mark.parametrize("value", ["many", -1, 2.5, True])
+def test_bad_num_workers_names_the_key_and_the_choices(value: Any) -> None:
+    with pytest.raises(DatasetError, match=r"num_workers=.*auto.*integer >= 0"):
+        data.resolve_num_workers(value)
+
+
+def test_num_workers_defaults_to_auto_and_the_summary_records_the_number_used(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from normbench.train import Trainer
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    run = ["model=resnet8", "batch=2", "workers=2", "wandb.mode=disabled", "progress=false",
+           "device=cpu", "dataset=imagefolder", f"dataset.root={folder}", "dataset.num_classes=3"]
+    files = compose_config(run + ["dataset.preset=imagenet", "dataset.image_size=32"])
+    assert files["num_workers"] == "auto"
+    assert Trainer(files, folder=None).summary("failed")["num_workers"] == 2
+    cached = compose_config(run + [f"dataset.cache_dir={folder.parent / 'cache'}"])
+    assert Trainer(cached, folder=None).summary("failed")["num_workers"] == 0  # on the device
 
 
 def test_random_resized_crop_box_stays_inside_the_image() -> None:
@@ -634,3 +849,42 @@ def test_cifar10_without_files_names_the_path(tmp_path: Path) -> None:
         loaders(dataset_config("cifar10", root=str(root), download=False))
     message = str(error.value)
     assert str(root) in message and "https://" in message and "imagefolder" in message
+
+
+def test_real_cifar10_jpegs_decode_alike_on_both_paths(shared_cifar: Path, tmp_path: Path) -> None:
+    # The batched decode_jpeg path (here on the CPU; on CUDA in a GPU run) against PIL on real
+    # JPEGs, with the imagenet preset's transforms at 32 pixels.
+    root = data.extract_image_folder(shared_cifar, tmp_path / "cifar", max_per_class=4,
+                                     max_test_per_class=2)
+    config = jpeg_config(root, image_size=32, num_classes=10)
+    options = data.LoaderOptions(global_batch=8, eval_batch=7, seed=3, device=CPU, rank=0,
+                                 world_size=1, num_workers=0)
+    layout = data.image_folder_layout(config)
+    train, test = data.device_jpeg_loaders(
+        *data.list_image_files(layout.train_dir, layout.classes, None),
+        *data.list_image_files(layout.test_dir, layout.classes, None),
+        image_size=32, augment=True, mean=config["mean"], std=config["std"], options=options)
+    cpu_train, cpu_test, _ = loaders(config, global_batch=8, eval_batch=7, seed=3)
+    for (a, labels_a), (b, labels_b) in zip(epoch_batches(cpu_train, 2), epoch_batches(train, 2),
+                                            strict=True):
+        assert torch.equal(labels_a, labels_b)
+        assert (to_uint8(a, config).float() - to_uint8(b, config).float()).abs().mean() < 2.0
+    for (a, labels_a), (b, labels_b) in zip(cpu_test, test, strict=True):
+        assert torch.equal(labels_a, labels_b)
+        assert torch.equal(to_uint8(a, config), to_uint8(b, config))  # 32x32: no resize at all
+
+
+def test_data_package_imports_go_one_way() -> None:
+    # Each module imports only modules below it in this order (normbench/data/__init__.py).
+    import ast
+
+    order = ["__init__", "gpu_jpeg", "batches", "sources", "archives", "presets", "workers",
+             "base"]
+    package = REPO / "normbench" / "data"
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order)
+    for module in order:
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        below = set(order[order.index(module) + 1:])
+        assert imported <= below, (module, imported - below)

@@ -99,6 +99,96 @@ def test_two_processes_train_like_one_process_with_two_virtual_workers(tmp_path,
 
 
 # ---- torchrun end to end ----------------------------------------------------------------------
+# ---- syncbn across processes: exact to float32 rounding, gradients included --------------------
+# Unequal shares (3 and 5 images), so the merge must weight each process by its count; each
+# channel has |mean| / std = 300, where E[x^2] - E[x]^2 in float32 loses the variance.
+SYNC_IMAGES, SYNC_SHAPE = (3, 5), (4, 6, 6)
+
+
+def _far_from_zero_data():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(SYNC_IMAGES), *SYNC_SHAPE, generator=generator, dtype=torch.float64)
+    std = torch.tensor([1.0, 0.01, 30.0, 2.0], dtype=torch.float64).view(1, -1, 1, 1)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64).view(1, -1, 1, 1)
+    return x * std + sign * 300 * std, torch.randn(x.shape, generator=generator,
+                                                   dtype=torch.float64)
+
+
+def _syncbn_far_from_zero_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from normbench.norms import build_norm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        x_all, weights = _far_from_zero_data()
+        start = sum(SYNC_IMAGES[:rank])
+        mine = slice(start, start + SYNC_IMAGES[rank])
+        results = {}
+        for dtype in (torch.float32, torch.float64):
+            layer = build_norm("syncbn", SYNC_SHAPE[0]).to(dtype)
+            with torch.no_grad():  # gamma and beta away from 1 and 0, so their gradients matter
+                layer.weight.copy_(torch.tensor([1.5, 0.7, 1.2, 0.9]))
+                layer.bias.copy_(torch.tensor([0.1, -0.3, 0.2, 0.0]))
+            x = x_all[mine].to(dtype).requires_grad_(True)
+            y = layer(x)
+            (y * weights[mine].to(dtype)).sum().backward()
+            for p in layer.parameters():  # the total gradient, as DDP would sum it
+                dist.all_reduce(p.grad)
+            results[str(dtype)] = {"y": y.detach(), "x_grad": x.grad,
+                                   "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
+                                   "running_mean": layer.running_mean,
+                                   "running_var": layer.running_var}
+        torch.save(results, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_syncbn_across_two_processes_is_exact_far_from_zero_with_unequal_shares(tmp_path,
+                                                                                one_thread):
+    run_two_processes(_syncbn_far_from_zero_worker, str(tmp_path / "init"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    x, weights = _far_from_zero_data()
+
+    # the float64 reference: BN over the concatenated batch, from the formulas
+    gamma = torch.tensor([1.5, 0.7, 1.2, 0.9], dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor([0.1, -0.3, 0.2, 0.0], dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    mean = xr.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((xr - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    ref = (xr - mean) / torch.sqrt(var + 1e-5) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [xr, gamma, beta])
+    values = x.numel() // x.shape[1]
+    ref_running_var = 0.9 + 0.1 * var.flatten() * values / (values - 1)
+    ref_running_mean = 0.1 * mean.flatten()
+
+    # float64: equal to the reference, values and gradients, on both processes
+    for rank, result in enumerate(ranks):
+        r = result[str(torch.float64)]
+        start = sum(SYNC_IMAGES[:rank])
+        mine = slice(start, start + SYNC_IMAGES[rank])
+        torch.testing.assert_close(r["y"], ref[mine].detach())
+        torch.testing.assert_close(r["x_grad"], ref_grads[0][mine])
+        torch.testing.assert_close(r["weight_grad"], ref_grads[1])
+        torch.testing.assert_close(r["bias_grad"], ref_grads[2])
+        torch.testing.assert_close(r["running_mean"], ref_running_mean)
+        torch.testing.assert_close(r["running_var"], ref_running_var)
+
+    # float32: as accurate as torch's own BN on the whole batch in one process
+    ours = torch.cat([r[str(torch.float32)]["y"] for r in ranks]).double()
+    torch_bn = torch.nn.functional.batch_norm(
+        x.float(), None, None, gamma.detach().float(), beta.detach().float(), training=True,
+        eps=1e-5).double()
+    our_error = (ours - ref).abs().max().item()
+    torch_error = (torch_bn - ref).abs().max().item()
+    assert our_error <= 2 * torch_error + 1e-6, (our_error, torch_error)
+    for r in ranks:
+        r = r[str(torch.float32)]
+        torch.testing.assert_close(r["running_var"].double(), ref_running_var, rtol=1e-5, atol=0)
+        torch.testing.assert_close(r["running_mean"].double(), ref_running_mean, rtol=1e-5,
+                                   atol=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

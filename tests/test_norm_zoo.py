@@ -26,10 +26,10 @@ from normbench.bn_eval import (PRECISE_BN_EPOCH_OFFSET, batch_statistics, dedica
                                statistics_batch)
 from normbench.config import ConfigError, validate_config
 from normbench.evaluation import batches_of_whole_chunks, evaluate, evaluate_epoch
-from normbench.models import ConvNormAct, build_model
+from normbench.models import ConvNormAct, build_model, norm_input_shapes
 from normbench.norms import (NORMS, BatchRenorm2d, BatchStatistics, EvoNormB0, EvoNormS0,
                              FilterResponseNorm2d, NormConfigError, SyncBatchNorm2d, WSConv2d,
-                             build_norm, norm_options, norm_spec)
+                             build_norm, merge_moments, norm_options, norm_spec, set_total_steps)
 from normbench.train import Trainer
 
 CONF = Path(__file__).parents[1] / "conf" / "norm"
@@ -122,9 +122,13 @@ def sample_input(shape=(6, 4, 3, 3), seed=0):
 
 
 # ---- Batch Renormalization --------------------------------------------------------------------
+RUN = 100  # training steps of the run in the BRN tests below
+
+
 def brn_in_full_relaxation(channels=4, virtual_batch=None) -> BatchRenorm2d:
-    brn = randomize(build_norm("brn", channels, virtual_batch=virtual_batch,
-                               warmup_steps=10, r_max_reached_at=30, d_max_reached_at=20)).double()
+    brn = randomize(build_norm("brn", channels, virtual_batch=virtual_batch, warmup_until=0.1,
+                               r_max_reached_at=0.3, d_max_reached_at=0.2)).double()
+    set_total_steps(brn, RUN)
     with torch.no_grad():
         brn.steps.fill_(30)
         # moving averages far enough from the batch's for some r and d to clip, near for others
@@ -169,17 +173,63 @@ def test_brn_eval_mode_uses_moving_mean_and_std():
     torch.testing.assert_close(brn(x), expected.detach())
 
 
-def test_brn_schedule_plain_bn_then_linear_relaxation():
-    brn = build_norm("brn", 4, r_max=3.0, d_max=5.0, warmup_steps=10, r_max_reached_at=30,
-                     d_max_reached_at=20)
-    expected = {0: (1.0, 0.0), 10: (1.0, 0.0), 15: (1.5, 2.5), 20: (2.0, 5.0), 30: (3.0, 5.0),
-                1000: (3.0, 5.0)}
-    for step, (r_max, d_max) in expected.items():
+def reference_brn_limits(step, total, r_max, d_max, warmup_until, r_max_reached_at,
+                         d_max_reached_at):
+    """Ioffe 2017's schedule in fractions of the run, in float64: plain BN (1, 0) until
+    warmup_until, then linear to (r_max, d_max) at the fractions where each is reached."""
+    done = step / total
+
+    def relaxed(start, limit, reached_at):
+        if done <= warmup_until:
+            return start
+        if done >= reached_at:
+            return limit
+        return start + (limit - start) * (done - warmup_until) / (reached_at - warmup_until)
+    return relaxed(1.0, r_max, r_max_reached_at), relaxed(0.0, d_max, d_max_reached_at)
+
+
+def test_brn_schedule_plain_bn_then_linear_relaxation_in_fractions_of_the_run():
+    options = {"r_max": 3.0, "d_max": 5.0, "warmup_until": 0.1, "r_max_reached_at": 0.3,
+               "d_max_reached_at": 0.2}
+    brn = build_norm("brn", 4, **options)
+    set_total_steps(brn, 1000)
+    for step in (0, 50, 100, 101, 150, 173, 200, 250, 299, 300, 1000, 1500):
         brn.steps.fill_(step)
-        assert [round(v.item(), 6) for v in brn.clip_limits()] == [r_max, d_max], step
-    immediate = build_norm("brn", 4, warmup_steps=10, r_max_reached_at=10, d_max_reached_at=10)
-    immediate.steps.fill_(10)
+        torch.testing.assert_close(
+            torch.stack(brn.clip_limits()).double(),
+            torch.tensor(reference_brn_limits(step, 1000, **options), dtype=F64), msg=str(step))
+    immediate = build_norm("brn", 4, warmup_until=0.1, r_max_reached_at=0.1,
+                           d_max_reached_at=0.1)
+    set_total_steps(immediate, 1000)
+    immediate.steps.fill_(99)
+    assert [v.item() for v in immediate.clip_limits()] == [1.0, 0.0]
+    immediate.steps.fill_(100)
     assert [v.item() for v in immediate.clip_limits()] == [1.5, 0.5]
+
+
+def test_brn_schedule_is_the_same_at_batch_32_and_2_for_runs_of_the_same_epochs():
+    # the same epochs of the same data: batch 2 takes 16 times the steps of batch 32. Each run
+    # relaxes r_max and d_max over the same fractions of itself, from the paper's defaults.
+    steps_per_epoch_32, epochs = 25, 40
+    runs = {}
+    for batch in (32, 2):
+        brn = build_norm("brn", 4, virtual_batch=batch)
+        steps = epochs * steps_per_epoch_32 * 32 // batch
+        set_total_steps(brn, steps)
+        limits = []
+        for epoch in range(epochs + 1):
+            brn.steps.fill_(epoch * steps // epochs)
+            limits.append(torch.stack(brn.clip_limits()))
+        runs[batch] = torch.stack(limits)
+    torch.testing.assert_close(runs[32], runs[2])
+    defaults = norm_options("brn")
+    expected = [reference_brn_limits(epoch, epochs, defaults["r_max"], defaults["d_max"],
+                                     defaults["warmup_until"], defaults["r_max_reached_at"],
+                                     defaults["d_max_reached_at"]) for epoch in range(epochs + 1)]
+    torch.testing.assert_close(runs[2].double(), torch.tensor(expected, dtype=F64))
+    # a short run (1000 steps at batch 32) is not plain BN throughout: relaxed by its end
+    assert runs[32][-1].tolist() == [1.5, 0.5] and runs[32][epochs // 2].tolist() == [1.5, 0.5]
+    assert runs[32][1].tolist() == [1.0, 0.0]  # the first 4% of the run is plain BN
 
 
 def test_brn_during_warmup_is_plain_bn_whatever_its_moving_averages():
@@ -189,6 +239,48 @@ def test_brn_during_warmup_is_plain_bn_whatever_its_moving_averages():
     bn.load_state_dict({"weight": brn.weight, "bias": brn.bias}, strict=False)
     x = sample_input()
     torch.testing.assert_close(brn(x), bn(x))
+
+
+def test_brn_counts_its_steps_in_training_and_a_resumed_layer_continues_the_schedule():
+    brn = randomize(build_norm("brn", 4, virtual_batch=2)).double()
+    set_total_steps(brn, 50)
+    for step in range(20):
+        brn(sample_input(seed=step))
+    assert brn.steps.item() == 20
+    resumed = build_norm("brn", 4, virtual_batch=2).double()
+    resumed.load_state_dict(brn.state_dict())  # what a checkpoint carries
+    set_total_steps(resumed, 50)  # what the trainer does on every start
+    for layer in (brn, resumed):
+        layer(sample_input(seed=20))
+    assert resumed.steps.item() == 21
+    assert_all_close(resumed.clip_limits(), brn.clip_limits())
+    torch.testing.assert_close(resumed.state_dict(), brn.state_dict())
+    # 21 of 50 steps, past d_max's 20%, short of r_max's 30%: (1 + 0.5 * 0.38 / 0.26, 0.5)
+    torch.testing.assert_close(torch.stack(brn.clip_limits()),
+                               torch.tensor(reference_brn_limits(21, 50, 1.5, 0.5, 0.04, 0.3, 0.2),
+                                            dtype=F64))
+
+
+def test_brn_trained_without_the_runs_length_is_an_error_naming_the_call():
+    model = build_model("resnet8", num_classes=4, norm="brn", batch=2, stem="cifar")
+    with pytest.raises(NormConfigError, match=r"BatchRenorm2d at layer stem\.0\.norm: the run's "
+                       r"number of training steps is not set .* call "
+                       r"normbench\.norms\.set_total_steps\(model, steps\)"):
+        model(torch.randn(4, 3, 8, 8))
+    set_total_steps(model, 10)
+    model(torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="total_steps=0 is not allowed"):
+        set_total_steps(model, 0)
+
+
+def test_the_trainer_gives_brn_the_runs_length(tmp_path):
+    cfg = compose_config(["norm=brn", "model=resnet8", "dataset=synthetic",
+                          "dataset.train_size=64", "dataset.test_size=16",
+                          "dataset.image_size=8", "batch=4", "workers=2", "epochs=3",
+                          "wandb.mode=disabled", "progress=false"])
+    trainer = Trainer(cfg, folder=None)
+    layers = [m for m in trainer.model.modules() if isinstance(m, BatchRenorm2d)]
+    assert layers and {m.total_steps for m in layers} == {3 * 64 // 8}
 
 
 def test_brn_step_counter_is_in_the_state_dict_and_frozen_mode_writes_nothing():
@@ -202,17 +294,27 @@ def test_brn_step_counter_is_in_the_state_dict_and_frozen_mode_writes_nothing():
     brn.stats_mode = "update"
     torch.testing.assert_close(brn(sample_input()), frozen_out)  # same computation, then writes
     assert brn.steps.item() == 31
-    restored = build_norm("brn", 4, warmup_steps=10, r_max_reached_at=30, d_max_reached_at=20)
+    restored = build_norm("brn", 4)
     restored.load_state_dict(brn.state_dict())
     assert restored.steps.item() == 31
 
 
 def test_brn_options_are_checked():
-    with pytest.raises(NormConfigError, match="brn: r_max_reached_at=5 is not allowed with "
-                                              "warmup_steps=10"):
-        build_norm("brn", 4, warmup_steps=10, r_max_reached_at=5)
+    with pytest.raises(NormConfigError, match="brn: r_max_reached_at=0.05 is not allowed with "
+                                              "warmup_until=0.1; it is a fraction of the run"):
+        build_norm("brn", 4, warmup_until=0.1, r_max_reached_at=0.05)
+    # a step count where a fraction is expected (the old meaning of these options)
+    with pytest.raises(NormConfigError, match="brn: d_max_reached_at=25000 is not allowed"):
+        build_norm("brn", 4, d_max_reached_at=25000)
+    with pytest.raises(NormConfigError, match="brn: warmup_until=-0.1 is not allowed"):
+        build_norm("brn", 4, warmup_until=-0.1)
+    with pytest.raises(NormConfigError, match="brn: warmup_until='abc' is not allowed; it must "
+                                              "be a number"):
+        build_norm("brn", 4, warmup_until="abc")
     with pytest.raises(NormConfigError, match="r_max must be >= 1"):
         build_norm("brn", 4, r_max=0.5)
+    with pytest.raises(NormConfigError, match="does not take option.* warmup_steps"):
+        build_norm("brn", 4, warmup_steps=5000)
 
 
 # ---- virtual workers: chunked pass == separate workers, for every batch-dependent layer -------
@@ -258,6 +360,34 @@ def test_syncbn_on_one_process_is_bn_over_the_whole_batch_ignoring_virtual_batch
     torch.testing.assert_close(ours, ref)
     assert_all_close(grads, ref_grads)
     torch.testing.assert_close(sync.running_var, bn.running_var)
+
+
+def part_moments(parts):
+    """(counts, means, M2s) of each part's channels over (N, H, W), two-pass."""
+    counts = torch.tensor([p.numel() // p.shape[1] for p in parts], dtype=parts[0].dtype)
+    means = torch.stack([p.mean(dim=(0, 2, 3)) for p in parts])
+    m2s = torch.stack([((p - m.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+                       for p, m in zip(parts, means)])
+    return counts, means, m2s
+
+
+def test_merged_moments_are_the_whole_batchs_in_float64_and_stay_exact_far_from_zero():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, 2, 2, generator=generator, dtype=F64) * 2 + 600  # |mean| / std 300
+    parts = list(x.split([1, 4, 5]))  # unequal parts: each must weigh by its count
+    n, mean, m2 = merge_moments(*part_moments(parts))
+    assert n.item() == 40
+    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)), rtol=1e-15, atol=0)
+    torch.testing.assert_close(m2, biased_var(x) * 40, rtol=1e-12, atol=0)
+
+    # float32: the merge keeps the variance to float32 rounding, where the sums of x and x^2
+    # (the former SyncBN) lose it
+    n32, _, m2_32 = merge_moments(*part_moments([p.float() for p in parts]))
+    merged_error = ((m2_32.double() / 40 - biased_var(x)) / biased_var(x)).abs().max().item()
+    x32 = x.float()
+    sums_var = (x32 * x32).mean(dim=(0, 2, 3)) - x32.mean(dim=(0, 2, 3)) ** 2
+    sums_error = ((sums_var.double() - biased_var(x)) / biased_var(x)).abs().max().item()
+    assert merged_error < 1e-4 < 1e-2 < sums_error, (merged_error, sums_error)
 
 
 SYNC_BATCH, SYNC_SHAPE = 3, (4, 3, 3)
@@ -333,6 +463,90 @@ def test_frn_without_activation_has_no_tlu_and_learnable_eps_adds_a_learned_part
     torch.testing.assert_close(learned(x), expected)
     learned(x).sum().backward()
     assert learned.eps_learned.grad is not None and learned.eps_learned.grad != 0
+
+
+# FRN's learned eps exists for 1x1 maps (Singh & Krishnan 2019, section 3.3): ResNet-18's ImageNet
+# stem on 32x32 images leaves a 1x1 map in the last stage.
+ONE_BY_ONE = ["model=resnet50", "model.stem=imagenet", "dataset.image_size=32"]
+
+
+def test_frn_with_learnable_eps_on_a_1x1_map_matches_the_paper_values_and_gradients():
+    layer = randomize(build_norm("frn", 4, learnable_eps=True)).double()
+    with torch.no_grad():
+        layer.eps_learned.fill_(-0.3)  # used as |eps_learned|
+    x = sample_input((6, 4, 1, 1))
+    params = [layer.weight, layer.bias, layer.tau, layer.eps_learned]
+    ours, grads, weights = outputs_and_grads(layer, x, params)
+
+    gamma, beta, tau = (p.detach().clone().requires_grad_(True) for p in params[:3])
+    eps_learned = torch.tensor(-0.3, dtype=F64, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    ref = reference_frn(xr, gamma, beta, tau, eps=1e-6 + eps_learned.abs())
+    # on a 1x1 map nu2 = x^2: x_hat = x / sqrt(x^2 + eps), smooth, not sign(x)
+    torch.testing.assert_close(ref, torch.max(xr / torch.sqrt(xr ** 2 + 1e-6 + 0.3)
+                                              * per_channel(gamma) + per_channel(beta),
+                                              per_channel(tau)))
+    torch.testing.assert_close(ours, ref.detach())
+    assert_all_close(grads, torch.autograd.grad((ref * weights).sum(),
+                                                [xr, gamma, beta, tau, eps_learned]))
+    assert grads[0].abs().max() > 0.1 and grads[4] != 0  # the input and eps get a gradient
+
+
+def test_frn_with_learnable_eps_is_allowed_on_1x1_maps_and_without_it_is_refused():
+    validate_config(compose_config(["norm=frn", "norm.learnable_eps=true", *ONE_BY_ONE]))
+    with pytest.raises(ConfigError, match=r"norm=frn at layer stages\.3\.\d\.conv\d\.norm would "
+                       r"normalize a single value \(input \d+x1x1.*use norm\.learnable_eps=true"):
+        validate_config(compose_config(["norm=frn", *ONE_BY_ONE]))
+
+
+def test_frn_with_learnable_eps_trains_a_model_with_1x1_maps():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=4, norm="frn", norm_options={"learnable_eps": True},
+                        stem="imagenet", width=0.25)
+    shapes = norm_input_shapes(model, 32)
+    assert (shapes["stages.3.1.conv2.norm"][1:]) == (1, 1)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    eps_before = {name: p.item() for name, p in model.named_parameters()
+                  if name.endswith("eps_learned")}
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]
+    last = model.stages[3][1].conv2.norm  # a 1x1 map: its learned eps moved
+    assert last.eps_learned.item() != eps_before["stages.3.1.conv2.norm.eps_learned"]
+
+
+# ---- one value per statistic: a clear error, not a ZeroDivisionError ---------------------------
+@pytest.mark.parametrize("norm,batch,images", [("bn", 1, 2), ("bn", None, 1), ("brn", 1, 2),
+                                               ("syncbn", None, 1)])
+def test_one_value_per_statistic_in_training_is_an_error_naming_layer_batch_and_remedy(
+        norm, batch, images):
+    # ResNet-18's ImageNet stem leaves 32x32 images a 1x1 map in the last stage: one image per
+    # worker gives BN one value per statistic there
+    model = build_model("resnet18", num_classes=4, norm=norm, batch=batch, stem="imagenet",
+                        width=0.25)
+    set_total_steps(model, 10)
+    x = torch.randn(images, 3, 32, 32)
+    with pytest.raises(NormConfigError, match=(
+            r"at layer stages\.3\.0\.conv1\.norm would normalize a single value per channel in "
+            r"training: batch=1 image per worker on a 1x1 map \(input 128x1x1: the images are "
+            r"too small for this model's stem\); choose batch >= 2 images per worker, larger "
+            r"images or a stem that keeps larger maps \(stem='cifar' for 32x32 images\), or a "
+            r"batch-independent norm such as gn")):
+        model(x)
+    model.eval()(x)  # evaluation uses the running statistics: any batch
+    model.train()(torch.randn(2 * images, 3, 64, 64))  # 2x2 maps: 4 values per statistic
+
+
+def test_syncbn_on_a_1x1_map_counts_the_steps_images_not_one_workers():
+    # syncbn's statistics cover batch * workers = 2 images: two values per statistic, allowed
+    # (it was refused as if one worker's single image were its statistics batch)
+    validate_config(compose_config(["norm=syncbn", "batch=1", "workers=2", *ONE_BY_ONE]))
 
 
 def test_evonorm_s0_matches_the_paper_values_and_gradients():
@@ -557,8 +771,8 @@ def test_ws_without_a_norm_is_refused():
     (["norm=syncbn", "batch=1", "workers=1"],
      r"batch=1 with workers=1 is not allowed with norm=syncbn: its statistics cover the step's "
      r"batch \* workers images and need at least 2"),
-    (["norm=brn", "norm.warmup_steps=100", "norm.r_max_reached_at=10"],
-     r"brn: r_max_reached_at=10 is not allowed with warmup_steps=100"),
+    (["norm=brn", "norm.warmup_until=0.5", "norm.r_max_reached_at=0.3"],
+     r"brn: r_max_reached_at=0.3 is not allowed with warmup_until=0.5"),
 ])
 def test_invalid_norm_combinations_are_refused_naming_key_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -599,6 +813,7 @@ def small_model(norm: str, batch: int) -> nn.Module:
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=4, norm=norm, batch=batch, stem="cifar",
                         width=0.5, zero_init_last=False).double()
+    set_total_steps(model, RUN)  # as the trainer does (BRN's schedule)
     corrupt_running_statistics(model)
     return model
 

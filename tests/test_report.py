@@ -15,6 +15,7 @@ from normbench import report
 # The run-folder fabricator lives in test_results.py; make it importable in any pytest import mode.
 sys.path.insert(0, str(Path(__file__).parent))
 from test_results import COMMAND, make_experiment, make_groups_experiment  # noqa: E402
+from wandb_files import offline_run, wandb_table  # noqa: E402
 
 from normbench import results  # noqa: E402
 
@@ -57,8 +58,8 @@ def test_report_writes_tables_and_figures(cifar_report):
     cell = summary[(summary["metric"] == "median5_error") & (summary["norm"] == "bn")
                    & (summary["batch"] == 32)].iloc[0]
     assert (cell["mean"], cell["count"]) == (pytest.approx(10.5), 2)
-    for stem in ("error_vs_batch", "training_curves_batch32", "training_curves_batch2",
-                 "bn_gap_vs_batch"):
+    for stem in ("error_vs_batch", "shape_vs_batch", "training_curves_batch32",
+                 "training_curves_batch2", "bn_gap_vs_batch"):
         for suffix in (".png", ".svg"):
             path = out_dir / "figures" / f"{stem}{suffix}"
             assert path.stat().st_size > 1000, path
@@ -180,9 +181,23 @@ def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkey
     assert "results/toy/REPORT.md" in capsys.readouterr().out
     # the --command argument wins over the folder's command.txt
     assert "```bash\nmake toy\n```" in (out_dir / "REPORT.md").read_text()
-    offline_runs = list((out_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    assert list(offline_runs[0].glob("*.wandb"))
+    (run_file,) = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run = offline_run(run_file)
+    # The report's run sits beside the runs: their project and group, read from their configs.
+    assert (run["project"], run["group"], run["job_type"]) == ("normbench-toy", "toy", "report")
+    (logged,) = run["history"]
+    assert sorted(k for k in logged if k.startswith("figures/")) == [
+        "figures/bn_gap_vs_batch", "figures/error_vs_batch", "figures/shape_vs_batch",
+        "figures/training_curves_batch2", "figures/training_curves_batch32"]
+    # The error-vs-batch table, and W&B's line chart of it, one line per norm.
+    table = logged["error_vs_batch"]
+    assert table["_type"] == "table-file" and table["nrows"] == 6
+    assert logged["error_vs_batch_chart_table"]["_type"] == "table-file"
+    rows = wandb_table(run_file.parent / "files" / table["path"])
+    bn = rows[rows["line"] == "bn"].set_index("batch")
+    assert list(bn.index) == [2, 8, 32]
+    assert bn.loc[32, "median5_error"] == pytest.approx(10.5)
+    assert bn.loc[2, "seeds"] == 1 and bn.loc[2, "diverged"] == 1
 
 
 def load_quietly(experiment_dir: Path) -> pd.DataFrame:
@@ -270,3 +285,14 @@ def test_report_can_leave_out_a_diagnostic(tmp_path):
     assert (tmp_path / "all" / "figures" / "bn_gap_vs_batch.png").exists()
     with pytest.raises(ValueError, match="cannot leave out 'test_error'.*bn_gap, train_mode_test_error"):
         report.write_report(experiment_dir, out_dir, leave_out=["test_error"])
+
+
+def test_report_refuses_wandb_logging_for_runs_of_several_projects(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    assert report.wandb_destination(runs) == {"project": "normbench-toy", "entity": None,
+                                              "group": "toy"}
+    runs.loc[runs.index[0], "wandb.project"] = "elsewhere"
+    with pytest.raises(ValueError, match="several W&B projects .*elsewhere, normbench-toy"):
+        report.wandb_destination(runs)
+    with pytest.raises(ValueError, match="no wandb.project"):
+        report.wandb_destination(runs.drop(columns=["wandb.project"]))

@@ -58,6 +58,9 @@ def config_for(experiment: str, dataset: str, norm: str, batch: int, seed: int, 
         "seed": seed,
         "optim": {"lr_per_256": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "milestones": [3, 5]},
         "out_dir": f"runs/{experiment}/{norm}-b{batch}-s{seed}-{placement}",
+        # As conf/config.yaml, with a project of its own: the report's W&B run goes there too.
+        "wandb": {"mode": "offline", "project": "normbench-toy", "entity": None,
+                  "group": experiment},
     }
 
 
