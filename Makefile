@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(NORMBENCH) train -m experiment=demo
+	$(NORMBENCH) train -m experiment=demo hydra/launcher=local threads=1  # 2 runs at a time, 1 thread each
 	$(NORMBENCH) report runs/demo --out results/demo
 
 # The converged reproduction on real CIFAR-10 (experiments/cifar10.yaml), in order of what it

@@ -150,13 +150,25 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         results["diverged_epoch"] = _number(diverged_at.get("epoch"))
         results["diverged_step"] = _number(diverged_at.get("step"))
         results["error_message"] = summary.get("error")
-        results["trained_on"] = summary.get("device")  # the torch device the runner used
+        results["trained_on"] = trained_on(summary)
     results["bn_gap"] = _last_bn_gap(records)
     results["train_mode_test_error"] = _last(records, "train_mode_test_error")
     row = read_config(run_dir)
     row.update(results)
     row["run_dir"] = str(run_dir)
     return row
+
+
+def trained_on(summary: Mapping[str, Any]) -> str | None:
+    """Where and how a run trained, from its summary: the torch device, the precision it
+    actually used (``precision=auto`` decides per machine) and the processor, e.g.
+    ``cpu, bf16, Intel(R) Xeon(R) Processor``. Older summaries hold only the device."""
+    device = summary.get("device")
+    if device is None:
+        return None
+    machine = summary.get("machine") or {}
+    processor = machine.get("gpu") if str(device).startswith("cuda") else machine.get("cpu")
+    return ", ".join(str(part) for part in (device, summary.get("precision"), processor) if part)
 
 
 # --------------------------------------------------------------------------- whole experiments

@@ -11,7 +11,7 @@ import pytest
 from normbench.config import config_hash, run_name
 from normbench.train import run
 
-from conftest import TINY, compose_config
+from conftest import ROOT, TINY, compose_config
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -51,11 +51,15 @@ def test_archive_commit_commits_only_the_archived_run(tmp_path, monkeypatch):
     git("init", "-q")
     git("config", "user.email", "test@example.com")
     git("config", "user.name", "test")
+    # the project's own ignore rules: they must not hide an experiment's archived runs
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
     (tmp_path / "work.txt").write_text("staged work in progress\n")
     git("add", "work.txt")
-    cfg = tiny_config(tmp_path, "archive_commit=true")
+    cfg = compose_config(TINY + ["epochs=1", f"out_root={tmp_path / 'runs'}",
+                                 f"archive_dir={tmp_path / 'results' / 'tiny' / 'runs'}",
+                                 "archive_commit=true"])
     run(cfg, tmp_path / "runs" / run_name(cfg))
     committed = git("show", "--name-only", "--format=%s", "HEAD").split()
-    assert f"results/runs/{run_name(cfg)}/summary.json" in committed
+    assert f"results/tiny/runs/{run_name(cfg)}/summary.json" in committed
     assert "work.txt" not in committed
     assert "work.txt" in git("diff", "--cached", "--name-only")  # still staged, not lost

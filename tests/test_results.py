@@ -370,3 +370,12 @@ def test_paper_numbers_are_labelled():
     keras = results.KERAS_RESNET32_CIFAR10.set_index(["norm", "batch"])["error"]
     assert keras[("bn", 2)] == 19.70 and keras[("gn", 32)] == 14.05
     assert results.KERAS_RESNET32_CIFAR10["source"].str.contains("Keras").all()
+
+
+def test_trained_on_names_device_precision_and_processor():
+    from normbench.results import trained_on
+    assert trained_on({"device": "cpu", "precision": "bf16",
+                       "machine": {"cpu": "Xeon", "gpu": None}}) == "cpu, bf16, Xeon"
+    assert trained_on({"device": "cuda:0", "precision": "bf16",
+                       "machine": {"cpu": "Xeon", "gpu": "H200"}}) == "cuda:0, bf16, H200"
+    assert trained_on({"device": "cpu"}) == "cpu"  # summaries written before precision=auto
