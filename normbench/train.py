@@ -129,12 +129,28 @@ def parameter_groups(model: nn.Module, weight_decay: float,
             {"params": free, "weight_decay": 0.0}]
 
 
+def sgd(model: nn.Module, optim: Mapping[str, Any], fused: bool = True) -> torch.optim.SGD:
+    """SGD as the config says; its lr is set every step (:func:`learning_rate`).
+
+    ``fused``: one kernel updates every parameter (CPU and CUDA) instead of a loop of five or
+    so small ops per parameter, several hundred per step on a ResNet, a fixed cost that weighs
+    most on small batches. The update is the same arithmetic (tests/test_training_step.py
+    checks equal weights)."""
+    return torch.optim.SGD(
+        parameter_groups(model, optim["weight_decay"], optim["norm_weight_decay"]),
+        lr=0.0, momentum=optim["momentum"], nesterov=optim["nesterov"],
+        fused=fused or None, foreach=False if not fused else None)
+
+
 def median_of_last(values: list[float], count: int = 5) -> float:
     return float(statistics.median(values[-count:]))
 
 
 class Trainer:
-    def __init__(self, cfg: Mapping[str, Any], folder: RunFolder) -> None:
+    def __init__(self, cfg: Mapping[str, Any], folder: RunFolder, *,
+                 fused_sgd: bool = True) -> None:
+        """``fused_sgd=False``: SGD's per-parameter loop instead of the fused kernel (the same
+        numbers, slower; the benchmark's path before issue #13)."""
         from .data import build_loaders  # data pulls in torchvision; keep `import normbench` light
 
         self.cfg = cfg
@@ -177,10 +193,7 @@ class Trainer:
             # (nn.Module.compile): checkpoints keep their keys. With one process the evaluated
             # model is the compiled one too.
             self.training_model.compile(mode=cfg["compile_mode"])
-        optim = cfg["optim"]
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, optim["weight_decay"], optim["norm_weight_decay"]),
-            lr=0.0, momentum=optim["momentum"], nesterov=optim["nesterov"])
+        self.optimizer = sgd(self.model, cfg["optim"], fused=fused_sgd)
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []

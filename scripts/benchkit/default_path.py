@@ -31,7 +31,8 @@ def _steps(images: int, quick: bool) -> int:
 # ---- 8. the default path against today's ---------------------------------------------------------
 def default_vs_today(ctx: Context) -> Item:
     item = Item("default_vs_today", 8, "training throughput: the default path vs today's "
-                                       "(fp32, NCHW, hand-written per-worker BN)")
+                                       "(fp32, NCHW, hand-written per-worker BN, "
+                                       "per-parameter SGD)")
     bf16_cpu = ctx.device.type == "cpu" and cpu_has_bf16()
     target = ">= 1.5" if bf16_cpu else None
     for model, size in _models(ctx):
@@ -63,11 +64,12 @@ def default_vs_today(ctx: Context) -> Item:
                     item.notes.append(_where_the_speed_up_goes(ctx, row, model, size, norm,
                                                                images))
     item.notes.append("Both through Trainer.train_epoch (on-device synthetic data), in turns. "
-                      "today: precision=fp32 channels_last=false and the hand-written "
-                      "per-worker BN (normbench.norms.ChunkBatchNorm), the path before issue "
-                      "#13; default: precision=auto, channels_last=auto and the device's "
-                      "per-worker BN. gn has 8 groups (conf/norm/gn8.yaml). The training-step "
-                      "changes of #13 item 4 (no host read per step) are in both.")
+                      "today: precision=fp32 channels_last=false, the hand-written "
+                      "per-worker BN (normbench.norms.ChunkBatchNorm) and SGD's per-parameter "
+                      "loop, the path before issue #13; default: precision=auto, "
+                      "channels_last=auto, the device's per-worker BN and fused SGD. gn has 8 "
+                      "groups (conf/norm/gn8.yaml). The training-step changes of #13 item 4 (no "
+                      "host read per step) are in both.")
     if not bf16_cpu and ctx.device.type == "cpu":
         item.notes.append("This CPU has no bf16 units: precision=auto is fp32 here, and the "
                           "1.5x target (stated for a bf16-capable CPU) does not apply.")

@@ -141,6 +141,7 @@ class Variant:
     precision: str = "auto"  # the config's precision: auto, fp32, bf16
     channels_last: str | bool = "auto"  # the config's channels_last
     chunked_bn: str | None = None  # normbench.norms.CHUNKED_BN_VARIANTS; None: device default
+    fused_sgd: bool = True  # normbench.train.sgd: the fused kernel, or the per-parameter loop
 
     def amp_dtype(self, device: torch.device) -> torch.dtype | None:
         return autocast_dtype(self.precision, device)
@@ -168,8 +169,10 @@ class Variant:
         return with_chunked_bn
 
 
-# The path before issue #13 (fp32, NCHW, the hand-written per-worker BN) and the default now.
-TODAY = Variant("today", precision="fp32", channels_last=False, chunked_bn="hand_written")
+# The path before issue #13 (fp32, NCHW, the hand-written per-worker BN, SGD's per-parameter
+# loop) and the default now.
+TODAY = Variant("today", precision="fp32", channels_last=False, chunked_bn="hand_written",
+                fused_sgd=False)
 DEFAULT = Variant("default")
 
 
@@ -331,7 +334,7 @@ def trainer_for(ctx: Context, *, batch: int, workers: int, norm: str = "bn",
     cfg["norm"] = {"name": norm, **norm_options(norm),
                    **norm_options_for(norm, node["name"], node["width"])}
     torch.manual_seed(0)
-    return Trainer(cfg, folder=None)
+    return Trainer(cfg, folder=None, fused_sgd=variant.fused_sgd)
 
 
 def repeat(fn: Callable[[], Any], times: int) -> Callable[[], None]:
