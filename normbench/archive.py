@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from .config import RunConfig
 from .records import FINISHED, RunFolder, write_atomic_text
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,11 @@ log = logging.getLogger(__name__)
 GIT_RETRIES = 10  # parallel jobs of a sweep commit at the same time: git's index lock is busy
 
 
-def archive_folder(cfg: Mapping[str, Any], name: str) -> RunFolder | None:
+def archive_folder(cfg: RunConfig, name: str) -> RunFolder | None:
     """Where the run named ``name`` is archived, or None when ``archive_dir`` is not set."""
-    if not cfg.get("archive_dir"):
+    if cfg.archive_dir is None:
         return None
-    return RunFolder(Path(cfg["archive_dir"]) / name)
+    return RunFolder(Path(cfg.archive_dir) / name)
 
 
 def archived_summary(archive: RunFolder | None) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .norms import norm_layers
 
 T = TypeVar("T")
@@ -149,21 +149,21 @@ def is_first_process() -> bool:
     return rank() == 0
 
 
-def check_process_count(cfg: Mapping[str, Any], processes: int) -> None:
+def check_process_count(cfg: RunConfig, processes: int) -> None:
     """Raise :class:`ConfigError` for a config that ``processes`` processes cannot run."""
     if processes == 1:
         return
-    workers = cfg["workers"]
+    workers = cfg.workers
     if workers % processes:
         multiples = ", ".join(str(processes * k) for k in range(1, 4))
         raise ConfigError(f"workers={workers} is not divisible by the {processes} processes of "
                           f"this launch (each process runs workers / {processes} virtual "
                           f"workers); choose a multiple of {processes}: {multiples}, ...")
-    if cfg["device"] not in MULTI_PROCESS_DEVICES:
-        raise ConfigError(f"device={cfg['device']!r} is not allowed with {processes} processes: "
+    if cfg.device not in MULTI_PROCESS_DEVICES:
+        raise ConfigError(f"device={cfg.device!r} is not allowed with {processes} processes: "
                           f"each process uses its own GPU (cuda:LOCAL_RANK); choose one of: "
                           f"{', '.join(MULTI_PROCESS_DEVICES)}")
-    if cfg["bn_eval"] == "precise":
+    if cfg.bn_eval == "precise":
         # Precise BN would recompute the statistics from each process's own shard, so processes
         # would evaluate with different statistics.
         raise ConfigError(f"bn_eval=precise is not supported with {processes} processes yet; "

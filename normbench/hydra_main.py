@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench import distributed
 from normbench.config_files import config_dir, experiments_dir
-from normbench.config import ConfigError, run_name
+from normbench.config import ConfigError, check_folder_names, run_name
 from normbench.data import DatasetError, register_preset_resolver
 from normbench.hydra_callbacks import if_run_folder_held
 from normbench.norms import NormConfigError
@@ -42,11 +42,36 @@ from normbench.train import run
 log = logging.getLogger("normbench")
 
 
+def _job_config(root: DictConfig) -> dict[str, Any]:
+    # the job's config without the hydra node (which holds the interpolations resolved here)
+    job = OmegaConf.masked_copy(root, [k for k in root if k != "hydra"])
+    return OmegaConf.to_container(job, resolve=True)
+
+
+def _refuse_folder_names(job: dict[str, Any]) -> None:
+    """Exit 2 with one line when a value would name a folder outside ``out_root`` (or at the
+    filesystem's root): Hydra makes the folder as soon as its name is resolved, before
+    normbench's own checks, so this cannot wait for them. Raising here would not do: Hydra
+    would print a traceback of its own and exit 1."""
+    try:
+        check_folder_names(job)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _experiment_folder_resolver(*, _root_: DictConfig) -> str:
+    # hydra.sweep.dir, and hydra.run.dir's start: <out_root>/<experiment_name>
+    job = _job_config(_root_)
+    _refuse_folder_names(job)
+    return f"{job['out_root']}/{job['experiment_name']}"
+
+
 def _run_name_resolver(*, _root_: DictConfig) -> str:
-    # Resolved for hydra.run.dir / hydra.sweep.subdir: hash the job's config without the hydra
-    # node (which holds this very interpolation).
-    job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
-    return run_name(OmegaConf.to_container(job, resolve=True))
+    # Resolved for hydra.run.dir / hydra.sweep.subdir: hash the job's config.
+    job = _job_config(_root_)
+    _refuse_folder_names(job)
+    return run_name(job)
 
 
 def _first_process_only(value: Any, otherwise: Any = None) -> Any:
@@ -58,6 +83,7 @@ def _first_process_only(value: Any, otherwise: Any = None) -> Any:
 
 
 OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
+OmegaConf.register_new_resolver("experiment_folder", _experiment_folder_resolver, replace=True)
 OmegaConf.register_new_resolver("first_process_only", _first_process_only, replace=True)
 OmegaConf.register_new_resolver("if_run_folder_held", if_run_folder_held, replace=True)
 register_preset_resolver()  # ${dataset_preset:...} in conf/dataset/imagefolder.yaml
@@ -105,6 +131,8 @@ def typed_command(argv: list[str] | None = None) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # The plain mapping: train.run parses it into a RunConfig once (and records in the run
+    # folder why a bad value is refused, so that a sweep's summary names the cell).
     config = OmegaConf.to_container(cfg, resolve=True)
     # torchrun / SLURM with several processes: join them (nothing happens in a single process)
     distributed.start_process_group(config["device"])

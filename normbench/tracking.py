@@ -27,49 +27,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .config import RunConfig, WandbConfig
+
 # Config values a training run is tagged with, as `key=value` (dotted keys name nested values).
 RUN_TAG_KEYS = ("norm.name", "batch", "workers", "placement", "model.name", "dataset.name")
 
 
-def _value(cfg: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = cfg
+def _value(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        node = node[part]
-    return node
+        cfg = getattr(cfg, part)
+    return cfg
 
 
-def run_tags(cfg: Mapping[str, Any]) -> list[str]:
+def run_tags(cfg: RunConfig) -> list[str]:
     """Return the tags of a training run: ``norm=gn``, ``batch=2``, ... (RUN_TAG_KEYS)."""
     return [f"{key.removesuffix('.name')}={_value(cfg, key)}" for key in RUN_TAG_KEYS]
 
 
-def run_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_config(cfg: RunConfig) -> dict[str, Any]:
     """Return the W&B config of a training run: the nested config plus ``global_batch``."""
-    return {**cfg, "global_batch": cfg["batch"] * cfg["workers"]}
+    return {**cfg.to_dict(), "global_batch": cfg.global_batch}
 
 
-def _start(settings: Mapping[str, Any], run_dir: Path, **init: Any):
+def _start(settings: WandbConfig, run_dir: Path, **init: Any):
     import wandb  # imported only when used: it is slow to import
 
-    return wandb.init(project=settings["project"], entity=settings.get("entity"),
-                      group=settings.get("group"), mode=settings["mode"], dir=str(run_dir),
-                      reinit="finish_previous", **init)
+    return wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
+                      mode=settings.mode, dir=str(run_dir), reinit="finish_previous", **init)
 
 
 class Tracker:
     """The W&B run of one training run (nothing at all with ``mode: disabled``).
 
     settings: the config's ``wandb`` section (mode, project, entity, group).
-    cfg: the run's resolved config, as a plain nested mapping.
+    cfg: the run's config.
     run_id: the W&B id of an earlier launch of this run (from its checkpoint), or None.
     history: the epochs already recorded (a resumed run's checkpoint history, one record per
         epoch with its ``epoch``); those the W&B run lacks are logged again (see above).
     """
 
-    def __init__(self, settings: Mapping[str, Any], run_dir: Path, cfg: Mapping[str, Any],
+    def __init__(self, settings: WandbConfig, run_dir: Path, cfg: RunConfig,
                  *, run_id: str | None = None, name: str | None = None,
                  history: Iterable[Mapping[str, Any]] = ()) -> None:
-        self.mode = settings["mode"]
+        self.mode = settings.mode
         self._run = None
         self.run_id = run_id
         if self.mode == "disabled":
@@ -118,7 +118,9 @@ def log_report(settings: Mapping[str, Any], run_dir: Path, *, name: str,
     """
     import wandb
 
-    run = _start(settings, run_dir, name=name, job_type="report", config=dict(config))
+    run = _start(WandbConfig(mode=settings["mode"], project=settings["project"],
+                             entity=settings.get("entity"), group=settings.get("group")),
+                 run_dir, name=name, job_type="report", config=dict(config))
     logged_tables = {key: wandb.Table(dataframe=frame) for key, frame in tables.items()}
     charts = {chart: wandb.plot.line(logged_tables[table], x, y, stroke=series, title=chart)
               for chart, table, x, y, series in line_charts}

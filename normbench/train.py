@@ -22,6 +22,7 @@ import os
 import statistics
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (ConfigError, build_model_from_config, config_differences, run_key,
-                     run_name, validate_config)
+from .config import (ConfigError, OptimConfig, RunConfig, build_model_from_config,
+                     config_differences, parse_config, run_key, run_name)
 from .archive import archive_folder, archive_run, archived_summary, commit_archive
 from .bn_eval import dedicated_epoch, statistics_batch
 from .distributed import (average_over_processes, average_running_statistics,
@@ -102,16 +103,16 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def learning_rate(optim: Mapping[str, Any], *, global_batch: int, epoch_progress: float,
+def learning_rate(optim: OptimConfig, *, global_batch: int, epoch_progress: float,
                   epochs: int) -> float:
     """The learning rate at ``epoch_progress`` (epochs done, fractional) of an ``epochs`` run:
     linear scaling, optional linear warm-up, step decay at fractions of the run."""
-    base = optim["lr_per_256"] * global_batch / 256
-    warmup = optim["warmup_epochs"]
+    base = optim.lr_per_256 * global_batch / 256
+    warmup = optim.warmup_epochs
     if warmup and epoch_progress < warmup:
         return base * (epoch_progress + 1e-8) / warmup
-    drops = sum(epoch_progress >= m * epochs - 1e-9 for m in optim["milestones"])
-    return base * optim["lr_decay"] ** drops
+    drops = sum(epoch_progress >= m * epochs - 1e-9 for m in optim.milestones)
+    return base * optim.lr_decay ** drops
 
 
 def parameter_groups(model: nn.Module, weight_decay: float,
@@ -129,7 +130,7 @@ def parameter_groups(model: nn.Module, weight_decay: float,
             {"params": free, "weight_decay": 0.0}]
 
 
-def sgd(model: nn.Module, optim: Mapping[str, Any], fused: bool = True) -> torch.optim.SGD:
+def sgd(model: nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim.SGD:
     """SGD as the config says; its lr is set every step (:func:`learning_rate`).
 
     ``fused``: one kernel updates every parameter (CPU and CUDA) instead of a loop of five or
@@ -137,8 +138,8 @@ def sgd(model: nn.Module, optim: Mapping[str, Any], fused: bool = True) -> torch
     most on small batches. The update is the same arithmetic (tests/test_training_step.py
     checks equal weights)."""
     return torch.optim.SGD(
-        parameter_groups(model, optim["weight_decay"], optim["norm_weight_decay"]),
-        lr=0.0, momentum=optim["momentum"], nesterov=optim["nesterov"],
+        parameter_groups(model, optim.weight_decay, optim.norm_weight_decay),
+        lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov,
         fused=fused or None, foreach=False if not fused else None)
 
 
@@ -147,53 +148,53 @@ def median_of_last(values: list[float], count: int = 5) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Mapping[str, Any], folder: RunFolder, *,
+    def __init__(self, cfg: RunConfig | Mapping[str, Any], folder: RunFolder, *,
                  fused_sgd: bool = True) -> None:
         """``fused_sgd=False``: SGD's per-parameter loop instead of the fused kernel (the same
         numbers, slower; the benchmark's path before issue #13)."""
         from .data import build_loaders  # data pulls in torchvision; keep `import normbench` light
 
-        self.cfg = cfg
+        self.cfg = cfg = parse_config(cfg)  # a plain mapping (tests, tools) is parsed here
         self.folder = folder
-        self.device = select_device(cfg["device"])
-        self.amp_dtype = autocast_dtype(cfg["precision"], self.device)
-        if cfg["precision"] == "auto" and self.device.type == "cpu" and self.amp_dtype is None:
+        self.device = select_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        if cfg.precision == "auto" and self.device.type == "cpu" and self.amp_dtype is None:
             log.info("precision=auto: fp32, this CPU has no bf16 units (%s)", cpu_features())
-        if cfg["threads"] is not None:
+        if cfg.threads is not None:
             # Several runs sharing a CPU (a parallel local sweep) must split its cores: torch's
             # threads spin while waiting, and oversubscribed they run many times slower.
-            torch.set_num_threads(cfg["threads"])
-        set_determinism(cfg["seed"], cfg["deterministic"])
-        self.global_batch = cfg["batch"] * cfg["workers"]
+            torch.set_num_threads(cfg.threads)
+        set_determinism(cfg.seed, cfg.deterministic)
+        self.global_batch = cfg.global_batch
         # With N processes each loads its 1/N of every step: workers / N virtual workers.
         self.processes, self.rank = world_size(), rank()
         self.train_loader, self.test_loader, self.data_info = build_loaders(
-            cfg["dataset"], global_batch=self.global_batch, eval_batch=cfg["eval_batch"],
-            seed=cfg["seed"], device=self.device, rank=self.rank, world_size=self.processes,
-            num_workers=cfg["num_workers"])
+            cfg.dataset.to_dict(), global_batch=self.global_batch, eval_batch=cfg.eval_batch,
+            seed=cfg.seed, device=self.device, rank=self.rank, world_size=self.processes,
+            num_workers=cfg.num_workers)
         if len(self.train_loader) == 0:
-            raise ValueError(f"dataset {cfg['dataset']['name']} has {self.data_info.num_train} "
+            raise ValueError(f"dataset {cfg.dataset.name} has {self.data_info.num_train} "
                              f"training images, fewer than one step of batch x workers = "
                              f"{self.global_batch}")
         self.model = build_model_from_config(cfg, self.data_info.num_classes).to(self.device)
-        set_total_steps(self.model, cfg["epochs"] * len(self.train_loader))  # BRN's schedule
+        set_total_steps(self.model, cfg.epochs * len(self.train_loader))  # BRN's schedule
         # channels_last (NHWC) where it is faster for this norm and device; the inputs are put
         # in the same format in every step (a conv fed NCHW would transpose them itself).
         self.memory_format = (torch.channels_last if use_channels_last(
-            cfg["channels_last"], cfg["norm"]["name"], self.device, self.amp_dtype)
+            cfg.channels_last, cfg.norm.name, self.device, self.amp_dtype)
             else torch.contiguous_format)
         self.model.to(memory_format=self.memory_format)
         # What a training step calls: DDP around the model with several processes. The plain
         # model is evaluated and checkpointed (no "module." prefix: checkpoints do not depend
         # on the number of processes).
         self.training_model = data_parallel(self.model, self.device)
-        if cfg["compile"]:
+        if cfg.compile:
             # After the DDP wrap, so that the compiler sees DDP's gradient buckets and splits
             # the graph at them (compiling the inner model first hides them). In place
             # (nn.Module.compile): checkpoints keep their keys. With one process the evaluated
             # model is the compiled one too.
-            self.training_model.compile(mode=cfg["compile_mode"])
-        self.optimizer = sgd(self.model, cfg["optim"], fused=fused_sgd)
+            self.training_model.compile(mode=cfg.compile_mode)
+        self.optimizer = sgd(self.model, cfg.optim, fused=fused_sgd)
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -222,7 +223,7 @@ class Trainer:
         """``loader``'s batches, images in the model's memory format, with a progress bar."""
         batches = ((images.contiguous(memory_format=self.memory_format), labels)
                    for images, labels in loader)
-        if not self.cfg["progress"] or self.rank != 0:  # one progress bar per launch
+        if not self.cfg.progress or self.rank != 0:  # one progress bar per launch
             return batches
         from tqdm import tqdm
         return iter(tqdm(batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True))
@@ -241,10 +242,10 @@ class Trainer:
         first_bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
         seen = 0
         start = time.perf_counter()
-        desc = f"epoch {self.epoch + 1}/{cfg['epochs']} train"
+        desc = f"epoch {self.epoch + 1}/{cfg.epochs} train"
         for index, (images, labels) in enumerate(self._progress(self.train_loader, desc)):
-            lr = learning_rate(cfg["optim"], global_batch=self.global_batch,
-                               epoch_progress=self.epoch + index / steps, epochs=cfg["epochs"])
+            lr = learning_rate(cfg.optim, global_batch=self.global_batch,
+                               epoch_progress=self.epoch + index / steps, epochs=cfg.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with self._autocast():
@@ -278,10 +279,10 @@ class Trainer:
         cfg = self.cfg
         return evaluate_epoch(
             self.model, lambda desc: self._progress(self.test_loader, desc),
-            bn_eval=cfg["bn_eval"],
-            statistics_batch=statistics_batch(cfg["norm"]["name"], cfg["batch"], cfg["workers"]),
+            bn_eval=cfg.bn_eval,
+            statistics_batch=statistics_batch(cfg.norm.name, cfg.batch, cfg.workers),
             precise_batches=lambda: dedicated_epoch(self.train_loader, self.epoch),
-            precise_samples=cfg["precise_bn_samples"], autocast=self._autocast)
+            precise_samples=cfg.precise_bn_samples, autocast=self._autocast)
 
     def evaluate_all_processes(self) -> dict[str, float]:
         """:meth:`evaluate` on every process's shard of the test set, averaged over the whole
@@ -299,7 +300,7 @@ class Trainer:
     def fit(self, tracker: Tracker) -> dict[str, Any]:
         cfg = self.cfg
         wall_start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0)
-        while self.epoch < cfg["epochs"]:
+        while self.epoch < cfg.epochs:
             record = {"epoch": self.epoch + 1}
             record.update(self.train_epoch())
             record.update(self.evaluate_all_processes())
@@ -312,7 +313,7 @@ class Trainer:
             self.folder.append_metrics(record)
             tracker.log(record, step=self.epoch)
             log.info("epoch %d/%d  train err %.2f  test err %.2f  loss %.3f  lr %.4g  %.0f img/s",
-                     self.epoch, cfg["epochs"], record["train_error"], record["test_error"],
+                     self.epoch, cfg.epochs, record["train_error"], record["test_error"],
                      record["train_loss"], record["lr"], record["images_per_second"])
         return self.summary(COMPLETED)
 
@@ -343,8 +344,11 @@ class Trainer:
         }
 
 
-def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
+def run(cfg: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume, or skip) the run ``cfg`` in ``run_dir``; return its summary.
+
+    ``cfg`` is a :class:`~normbench.config.RunConfig`, or the plain mapping Hydra composes,
+    parsed here (a bad value is refused before any work, and the folder says why).
 
     A folder whose summary says completed or diverged is not trained again. A folder with a
     checkpoint resumes from it. A failure is recorded in ``summary.json`` and re-raised.
@@ -360,19 +364,20 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         with sigterm_interrupts():  # SIGTERM (SLURM's notice before a kill) stops like Ctrl-C
             try:
-                validate_config(cfg)
-                check_process_count(cfg, world_size())
+                parsed = parse_config(cfg)
+                check_process_count(parsed, world_size())
             except ConfigError as error:
                 # Refused before any work; the folder says why, so a sweep's report shows the
                 # cell (a damaged config.yaml, or a finished run's summary, stays as it is).
                 with contextlib.suppress(RecordsError):
                     if folder.read_config() is None:
-                        folder.write_config(cfg)
+                        folder.write_config(cfg.to_dict() if isinstance(cfg, RunConfig)
+                                            else cfg)
                 folder.record_failure(failure_summary(error))
                 raise
-            summary = _run_in_folder(cfg, folder)
+            summary = _run_in_folder(parsed, folder)
             if is_first_process():
-                keep_in_archive(cfg, folder)
+                keep_in_archive(parsed, folder)
         outcome = summary["outcome"]
         if outcome != SKIPPED and summary["status"] == DIVERGED:
             outcome = DIVERGED
@@ -385,7 +390,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
         folder.close()
 
 
-def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
+def _run_in_folder(cfg: RunConfig, folder: RunFolder) -> dict[str, Any]:
     previous = first_process_decides(lambda: _finished_run(cfg, folder))
     if previous is not None:
         log.info("%s: already %s, nothing to do", folder.path, previous["status"])
@@ -404,7 +409,7 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
         folder.rewrite_metrics(trainer.history)
         outcome = RESUMED
         log.info("%s: resuming after epoch %d", folder.path, trainer.epoch)
-    wandb_settings = cfg["wandb"] if is_first_process() else {**cfg["wandb"], "mode": "disabled"}
+    wandb_settings = cfg.wandb if is_first_process() else replace(cfg.wandb, mode="disabled")
     tracker = Tracker(wandb_settings, folder.path, cfg, run_id=trainer.wandb_id,
                       name=run_name(cfg), history=trainer.history)
     trainer.wandb_id = tracker.run_id
@@ -431,7 +436,7 @@ def _run_in_folder(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any]:
     return {**summary, "outcome": outcome}
 
 
-def keep_in_archive(cfg: Mapping[str, Any], folder: RunFolder) -> None:
+def keep_in_archive(cfg: RunConfig, folder: RunFolder) -> None:
     """With ``archive_dir`` set: copy the records of the finished run in ``folder`` there (and
     commit them with ``archive_commit``), unless they are there already (see
     :mod:`normbench.archive`)."""
@@ -442,12 +447,12 @@ def keep_in_archive(cfg: Mapping[str, Any], folder: RunFolder) -> None:
         return
     archive_run(folder, archive)
     log.info("%s: records archived in %s", folder.path, archive.path)
-    if cfg["archive_commit"]:
+    if cfg.archive_commit:
         commit_archive(archive, f"{archive.path}: {summary['status']} "
                                 f"(median-of-5 error {summary.get('median5_error')})")
 
 
-def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] | None:
+def _finished_run(cfg: RunConfig, folder: RunFolder) -> dict[str, Any] | None:
     """The summary of the run in ``folder`` if it already completed or diverged, or of its
     archived records (``archive_dir``). Otherwise None, once the folder is known to hold this
     config (or none) and has it written. A folder holding another config is refused first,
@@ -471,5 +476,5 @@ def _finished_run(cfg: Mapping[str, Any], folder: RunFolder) -> dict[str, Any] |
                                f"{', '.join(config_differences(stored, cfg))})")
         log.info("%s: finished in the archive %s", folder.path, archive.path)
         return archived
-    folder.write_config(cfg)
+    folder.write_config(cfg.to_dict())
     return None

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 import benchkit  # noqa: E402  (scripts/benchkit/, beside this file)
+from normbench.config import RunConfig, parse_config  # noqa: E402
 from benchkit import measure  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def base_config(device: torch.device, model: str) -> dict:
+def base_config(device: torch.device, model: str) -> RunConfig:
     """The run config `python run.py model=MODEL` composes (conf/config.yaml)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -95,7 +96,7 @@ def base_config(device: torch.device, model: str) -> dict:
         cfg = compose(config_name="config", overrides=[
             f"model={model}", "dataset=synthetic", f"device={device.type}",
             "wandb.mode=disabled", "progress=false"])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def main(argv: list[str] | None = None) -> int:

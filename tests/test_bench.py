@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
+from normbench.config import parse_config
 from normbench.norms import NORMS
 
 sys.path.insert(0, str(ROOT / "scripts"))  # benchkit lives beside scripts/bench.py
@@ -42,7 +43,7 @@ def test_gpu_item_runs_its_comparison_with_a_small_model_on_the_cpu(one_thread):
     from benchkit.measure import Context
 
     ctx = Context(device=torch.device("cpu"),
-                  base_config=compose_config(["device=cpu", "model=resnet8"]),
+                  base_config=parse_config(compose_config(["device=cpu", "model=resnet8"])),
                   repeats=3, model="resnet8", image_size=16)
     assert gpu_resnet50(ctx).skipped.startswith("not measured: no GPU")
     item = gpu_resnet50(ctx, model="resnet8", settings=((2, 2),), sizes=(16,),

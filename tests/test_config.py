@@ -6,7 +6,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY, compose_config
-from normbench.config import (ConfigError, config_differences, run_name, validate_config)
+import dataclasses
+
+from normbench.config import (DATASET_FIELDS, DATASET_OPTIONS, NORM_OPTIONS, TOP_LEVEL_KEYS,
+                              ConfigError, RunConfig, config_differences, parse_config, run_name,
+                              validate_config)
+from normbench.norms import NORMS, norm_options
 
 
 def test_default_config_composes_and_validates():
@@ -54,6 +59,39 @@ def test_nested_overrides_reach_the_config():
     (["optim.milestones=[30,60]"], r"optim.milestones=\[30, 60\] is not allowed"),
     (["threads=0"], r"threads=0 is not allowed; it must be an integer >= 1"),
     (["wandb.mode=cloud"], r"wandb.mode='cloud' is not allowed; choose one of: online, offline"),
+    # typed: every boolean, number and option, as Hydra passes them from the command line
+    (["ws=yes"], r"ws='yes' is not allowed; choose one of: true, false"),
+    (["compile=1"], r"compile=1 is not allowed; choose one of: true, false"),
+    (["progress=off"], r"progress='off' is not allowed; choose one of: true, false"),
+    (["archive_commit=no"], r"archive_commit='no' is not allowed; choose one of: true, false"),
+    (["optim.momentum=-inf"], r"optim.momentum=-inf is not allowed; it must be a finite number"),
+    (["optim.warmup_epochs=nan"], r"optim.warmup_epochs=nan is not allowed"),
+    (["model.width=inf"], r"model.width=inf is not allowed; it must be a finite number > 0"),
+    (["batch=2.5"], r"batch=2.5 is not allowed; it must be an integer >= 1"),
+    (["seed=true"], r"seed=True is not allowed; it must be an integer >= 0"),
+    (["num_workers=many"], r"num_workers='many' is not allowed; it must be an integer >= 0 "
+                           r"\(or auto\)"),
+    (["channels_last=yes"], r"channels_last='yes' is not allowed; choose one of: auto, true, false"),
+    (["norm=bn", "norm.momentum=2"], r"norm.momentum=2 is not allowed; it must be a number "
+                                     r"between 0 and 1"),
+    (["norm=frn", "norm.learnable_eps=no"], r"norm.learnable_eps='no' is not allowed"),
+    (["norm=bn", "+norm.groups=4"], r"norm.groups is not an option of norm=bn; its options are: "
+                                    r"eps, momentum"),
+    (["dataset.mean=[0.5,0.5]"], r"dataset.mean=\[0.5, 0.5\] is not allowed; it must be a list "
+                                 r"of 3 numbers"),
+    (["dataset.std=[0.3,0,0.3]"], r"dataset.std\[1\]=0 is not allowed; it must be a finite "
+                                  r"number > 0"),
+    (["+dataset.colour=red"], r"dataset.colour is not a key of dataset=synthetic; its keys are: "),
+    (["+colour=red"], r"colour is not a key of the run config; its keys are: experiment_name, "),
+    (["dataset=imagefolder", "dataset.skip_corrupt=maybe"],
+     r"dataset.skip_corrupt='maybe' is not allowed; choose one of: true, false"),
+    (["dataset=imagefolder", "dataset.test_dir=dev"],
+     r"dataset.test_dir='dev' is not allowed; choose one of: auto, val, test"),
+    (["dataset=cifar10", "dataset.download=no"],
+     r"dataset.download='no' is not allowed; choose one of: true, false"),
+    (["experiment_name=a/b"], r"experiment_name='a/b' is not allowed; it names a folder"),
+    (["experiment_name=.."], r"experiment_name='..' is not allowed; it names a folder"),
+    (["archive_dir=''"], r"archive_dir='' is not allowed; it must be a folder path"),
 ])
 def test_invalid_configs_are_refused_naming_key_value_and_allowed(overrides, message):
     cfg = compose_config(overrides)
@@ -130,3 +168,40 @@ def test_cifar10_cpu_is_the_protocol_its_report_states():
     # the same protocol for every norm: only the norm differs between the cells' configs
     base = compose_config(["experiment=cifar10_cpu", "norm=bn", "batch=2"])
     assert {k: v for k, v in cfg.items() if k != "norm"} == {k: v for k, v in base.items() if k != "norm"}
+
+
+def test_parse_config_gives_a_frozen_typed_config_that_gives_back_its_mapping():
+    plain = compose_config(["norm=gn", "batch=2", "optim.warmup_epochs=1"])
+    cfg = parse_config(plain)
+    assert isinstance(cfg, RunConfig) and parse_config(cfg) is cfg
+    assert cfg.norm.name == "gn" and cfg.norm.options["groups"] == 32
+    assert cfg.optim.lr_per_256 == 0.1 and cfg.optim.nesterov is True
+    assert cfg.dataset.image_size == 32 and cfg.dataset.options["noise"] == 0.3
+    assert cfg.global_batch == 16 and cfg.wandb.mode == plain["wandb"]["mode"]
+    assert cfg.to_dict() == plain and list(cfg.to_dict()) == list(TOP_LEVEL_KEYS)
+    assert type(cfg.optim.warmup_epochs) is int  # kept as given: the run's hash depends on it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch = 4  # type: ignore[misc]
+
+
+def test_the_typed_keys_are_the_keys_of_the_shipped_configs():
+    # the keys of conf/config.yaml and of its config groups, as composed
+    assert set(TOP_LEVEL_KEYS) == set(compose_config())
+    # each data set's keys: the fields every data set has plus its own options
+    from normbench.data import DATASET_BUILDERS
+    assert set(DATASET_OPTIONS) == set(DATASET_BUILDERS)
+    for name, options in DATASET_OPTIONS.items():
+        node = compose_config([f"dataset={name}"])["dataset"]
+        assert set(node) == {"name", *DATASET_FIELDS, *options}, name
+    # every option a norm takes (the registry's builders) has a type, and each norm's YAML
+    # names exactly those options
+    assert {o for name in NORMS for o in norm_options(name)} == set(NORM_OPTIONS)
+    for path in (ROOT / "conf" / "norm").glob("*.yaml"):
+        node = compose_config([f"norm={path.stem}"])["norm"]
+        assert set(node) - {"name"} == set(norm_options(node["name"])), path.name
+
+
+def test_a_norm_node_may_leave_options_to_the_librarys_defaults():
+    cfg = compose_config()
+    cfg["norm"] = {"name": "gn", "groups": 4}
+    assert parse_config(cfg).norm.options == {"groups": 4}

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from conftest import ROOT, compose_config, run_cli, run_two_processes
 from normbench import distributed
-from normbench.config import ConfigError, run_name
+from normbench.config import ConfigError, parse_config, run_name
 from normbench.train import Trainer
 
 # 64 training images, 2 workers of 4: one epoch is 8 steps. lr 0.05 moves the parameters well
@@ -332,16 +333,17 @@ def test_submitit_slurm_tasks_give_the_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["workers=6"], "workers=6 is not divisible by the 4 processes of this launch (each process "
+    ({"workers": 6}, "workers=6 is not divisible by the 4 processes of this launch (each process "
                     "runs workers / 4 virtual workers); choose a multiple of 4: 4, 8, 12, ..."),
-    (["workers=8", "device=cuda:1"], "device='cuda:1' is not allowed with 4 processes: each "
+    ({"workers": 8, "device": "cuda:1"}, "device='cuda:1' is not allowed with 4 processes: each "
                                      "process uses its own GPU (cuda:LOCAL_RANK); choose one "
                                      "of: auto, cuda, cpu"),
-    (["workers=8", "bn_eval=precise"], "bn_eval=precise is not supported with 4 processes yet; "
+    ({"workers": 8, "bn_eval": "precise"}, "bn_eval=precise is not supported with 4 processes yet; "
                                        "choose one of: running, batch"),
 ])
 def test_configs_the_processes_cannot_run_are_refused(overrides, message):
-    cfg = compose_config(SMALL + overrides)
+    # replaced after parsing: cuda:1 would be refused before, on a machine without CUDA
+    cfg = replace(parse_config(compose_config(SMALL)), **overrides)
     with pytest.raises(ConfigError) as error:
         distributed.check_process_count(cfg, 4)
     assert message in str(error.value)

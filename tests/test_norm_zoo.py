@@ -13,6 +13,7 @@ import contextlib
 import copy
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -931,8 +932,9 @@ def fake_trainer(norm: str, bn_eval: str, epoch: int = 3, model: nn.Module | Non
                                    torch.zeros(32, dtype=torch.long), 8)
     trainer.train_loader.set_epoch(epoch)
     trainer.epoch = epoch
-    trainer.cfg = {"bn_eval": bn_eval, "precise_bn_samples": 16, "batch": 2, "workers": 4,
-                   "norm": {"name": norm}}
+    # the RunConfig attributes evaluate reads
+    trainer.cfg = SimpleNamespace(bn_eval=bn_eval, precise_bn_samples=16, batch=2, workers=4,
+                                  norm=SimpleNamespace(name=norm))
     trainer._progress = lambda loader, desc: iter(loader)
     trainer._autocast = contextlib.nullcontext
     return trainer

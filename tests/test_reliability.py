@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, compose_config, run_cli
+from conftest import ROOT, TINY, TINY_RUN, compose_config, run_cli
 from normbench import records
 from normbench.config import ConfigError, run_key, run_name, validate_config
 from normbench.records import RecordsError, RunFolder
@@ -634,6 +634,94 @@ def test_unknown_model_or_dataset_in_a_library_config_is_refused(key, value, all
     with pytest.raises(ConfigError, match=f"{key}.name='{value}' is not allowed; choose one of: "
                                           f".*{allowed}"):
         validate_config(cfg)
+
+
+def refused_on_the_command_line(overrides: list[str], tmp_path: Path,
+                                base: list[str] = SMALL) -> str:
+    """Run `python run.py BASE OVERRIDES` with its folders under tmp_path/out; check that it
+    exits 2 without a traceback or training, and return its last line on stderr. A -m among
+    the overrides makes it a sweep."""
+    flags = [arg for arg in overrides if arg == "-m"]
+    overrides = [arg for arg in overrides if arg != "-m"]
+    result = run_cli(flags + base + ["epochs=1", f"out_root={tmp_path / 'out'}"] + overrides,
+                     cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "epoch 1/" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def failed_summaries(tmp_path: Path) -> list[str]:
+    return [json.loads(p.read_text())["status"] for p in tmp_path.rglob("summary.json")]
+
+
+@pytest.mark.parametrize("key", ["optim.nesterov", "model.zero_init_last", "deterministic",
+                                 "dataset.augment", "optim.norm_weight_decay"])
+def test_a_word_for_a_boolean_is_refused_not_taken_as_true(key, tmp_path):
+    # Hydra passes `no` as the string "no", which Python would take as true
+    line = refused_on_the_command_line([f"{key}=no"], tmp_path)
+    assert line.endswith(f"{key}='no' is not allowed; choose one of: true, false")
+    assert failed_summaries(tmp_path) == ["failed"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["norm=gn", "norm.groups=abc"],
+     "norm.groups='abc' is not allowed; it must be an integer >= 1 (or null)"),
+    (["norm.eps=abc"], "norm.eps='abc' is not allowed; it must be a finite number > 0"),
+    (["dataset.image_size=0"], "dataset.image_size=0 is not allowed; it must be an integer >= 1"),
+    (["dataset.image_size=abc"],
+     "dataset.image_size='abc' is not allowed; it must be an integer >= 1"),
+    (["dataset.noise=abc"], "dataset.noise='abc' is not allowed; it must be a finite number >= 0"),
+])
+def test_a_value_of_the_wrong_type_is_refused_in_one_line(overrides, message, tmp_path):
+    assert refused_on_the_command_line(overrides, tmp_path).endswith(message)
+    assert failed_summaries(tmp_path) == ["failed"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr_per_256=nan", "optim.lr_per_256=nan is not allowed; it must be a finite number >= 0"),
+    ("optim.lr_per_256=inf", "optim.lr_per_256=inf is not allowed; it must be a finite number >= 0"),
+    ("norm.eps=-1", "norm.eps=-1 is not allowed; it must be a finite number > 0"),
+])
+def test_a_number_out_of_range_is_refused_not_recorded_as_diverged(override, message, tmp_path):
+    assert refused_on_the_command_line([override], tmp_path).endswith(message)
+    assert failed_summaries(tmp_path) == ["failed"]  # not "diverged": nothing was trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment_name=../../x"], "experiment_name='../../x' is not allowed; it names a folder: "
+                                  "choose a plain name, not empty, without '/' or '\\', and not "
+                                  "'.' or '..'"),
+    (["-m", "experiment_name=../../x"], "experiment_name='../../x' is not allowed"),
+    (["norm.name=../../../x"], "norm.name='../../../x' is not allowed; it names a folder"),
+    (["out_root="], "out_root='' is not allowed; it must be a folder path, e.g. runs"),
+])
+def test_a_name_that_would_leave_out_root_is_refused_before_any_folder_is_made(
+        overrides, message, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    # out_root= last, so that it replaces the out_root set by refused_on_the_command_line
+    line = refused_on_the_command_line(overrides, work)
+    assert line == f"error: {message}" or line.startswith(f"error: {message}")
+    # no folder anywhere (an empty out_root made them at /default/, at the filesystem's root)
+    assert [p for p in tmp_path.rglob("*") if p != work] == []
+
+
+def test_an_unwritable_cache_dir_is_refused_naming_it(tmp_path):
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (i * 90, 40, 200)).save(root / split / name / f"{i}.png")
+    (tmp_path / "afile").write_text("a regular file: nothing can be made under it")
+    cache = tmp_path / "afile" / "cache"
+    line = refused_on_the_command_line(
+        ["dataset=imagefolder", f"dataset.root={root}", f"dataset.cache_dir={cache}",
+         "dataset.num_classes=2", "dataset.image_size=16", "batch=2", "workers=2"], tmp_path,
+        base=TINY_RUN)
+    assert line.endswith(f"dataset.cache_dir='{cache}' cannot be written ([Errno 20] Not a "
+                         f"directory: '{cache}'); choose a writable folder for the decoded images")
+    assert failed_summaries(tmp_path) == ["failed"]
 
 
 def test_unknown_experiment_lists_the_available_ones(tmp_path):

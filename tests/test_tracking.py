@@ -12,7 +12,7 @@ from conftest import TINY, compose_config  # noqa: E402
 from wandb_files import offline_run  # noqa: E402
 
 from normbench import tracking  # noqa: E402
-from normbench.config import run_name  # noqa: E402
+from normbench.config import parse_config, run_name  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -34,28 +34,29 @@ def offline_runs(folder: Path) -> list[dict]:
 
 
 def test_train_run_has_job_type_tags_group_and_nested_config(tmp_path):
-    cfg = compose_config(TINY + ["norm=gn", "norm.groups=4", "batch=2", "wandb.mode=offline"])
-    tracker = tracking.Tracker(cfg["wandb"], tmp_path, cfg, name=run_name(cfg))
+    cfg = parse_config(compose_config(TINY + ["norm=gn", "norm.groups=4", "batch=2",
+                                              "wandb.mode=offline"]))
+    tracker = tracking.Tracker(cfg.wandb, tmp_path, cfg, name=run_name(cfg))
     tracker.log({"epoch": 1, "test_error": 50.0}, step=1)
     tracker.finish()
     (run,) = offline_runs(tmp_path)
     assert run["job_type"] == "train"
-    assert run["group"] == cfg["wandb"]["group"] == "default"
-    assert run["project"] == cfg["wandb"]["project"]
+    assert run["group"] == cfg.wandb.group == "default"
+    assert run["project"] == cfg.wandb.project
     assert run["tags"] == ["norm=gn", "batch=2", "workers=4", "placement=before",
                            "model=resnet8", "dataset=synthetic"]
     config = run["config"]
     # Nested as config.yaml, so W&B shows norm.groups, optim.lr_per_256: not "norm.groups" keys.
     assert config["norm"]["name"] == "gn" and config["norm"]["groups"] == 4
-    assert config["optim"]["lr_per_256"] == cfg["optim"]["lr_per_256"]
+    assert config["optim"]["lr_per_256"] == cfg.optim.lr_per_256
     assert not any("." in key for key in config)
     assert config["global_batch"] == 8
     assert [row["test_error"] for row in run["history"]] == [50.0]
 
 
 def test_disabled_tracker_writes_nothing(tmp_path):
-    cfg = compose_config(TINY)
-    tracker = tracking.Tracker(cfg["wandb"], tmp_path, cfg, history=[{"epoch": 1}])
+    cfg = parse_config(compose_config(TINY))
+    tracker = tracking.Tracker(cfg.wandb, tmp_path, cfg, history=[{"epoch": 1}])
     tracker.log({"epoch": 1}, step=1)
     tracker.finish()
     assert tracker.run_id is None and not (tmp_path / "wandb").exists()
@@ -64,7 +65,7 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 def test_resumed_run_holds_every_epoch_once_in_its_newest_offline_run(tmp_path, monkeypatch):
     from normbench import train
 
-    cfg = compose_config(TINY + ["epochs=3", "wandb.mode=offline"])
+    cfg = parse_config(compose_config(TINY + ["epochs=3", "wandb.mode=offline"]))
     run_dir = tmp_path / "run"
     real_train_epoch = train.Trainer.train_epoch
 
@@ -110,9 +111,9 @@ def test_resumed_online_run_gets_only_the_epochs_it_lacks(tmp_path, monkeypatch)
     # increase), so only the epochs after its last step are logged from the checkpoint.
     run = FakeResumedRun()
     monkeypatch.setattr(tracking, "_start", lambda settings, run_dir, **init: run)
-    cfg = compose_config(TINY + ["wandb.mode=online"])
+    cfg = parse_config(compose_config(TINY + ["wandb.mode=online"]))
     history = [{"epoch": epoch, "test_error": 50.0 - epoch} for epoch in (1, 2, 3, 4)]
-    tracker = tracking.Tracker(cfg["wandb"], tmp_path, cfg, run_id="resumed1", history=history)
+    tracker = tracking.Tracker(cfg.wandb, tmp_path, cfg, run_id="resumed1", history=history)
     assert tracker.run_id == "resumed1"
     assert [step for _, step in run.logged] == [3, 4]
     assert run.logged[0][0] == {"epoch": 3, "test_error": 47.0}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from normbench.bn_eval import has_batch_statistics
-from normbench.config import run_key
+from normbench.config import parse_config, run_key
 from normbench.records import RecordsError, RunFolder, find_run_dirs
 from normbench.train import Trainer
 
@@ -39,15 +39,16 @@ def evaluate_run(run_dir: Path, threads: int, batch_dependent_only: bool = False
     state = folder.load_checkpoint(run_key(cfg))  # refuses a checkpoint of another config
     if state is None:
         return None
-    cfg.update(device="cpu", threads=threads, progress=False, compile=False)
+    cfg = parse_config({**cfg, "device": "cpu", "threads": threads, "progress": False,
+                        "compile": False})
     trainer = Trainer(cfg, folder)
     if batch_dependent_only and not has_batch_statistics(trainer.model):
         return None
     trainer.restore(state)
     recorded = folder.read_metrics()[-1]
     new = trainer.evaluate()
-    row = {"run_dir": run_dir.as_posix(), "norm": cfg["norm"]["name"], "placement": cfg["placement"],
-           "batch": cfg["batch"], "seed": cfg["seed"], "epoch": state["epoch"],
+    row = {"run_dir": run_dir.as_posix(), "norm": cfg.norm.name, "placement": cfg.placement,
+           "batch": cfg.batch, "seed": cfg.seed, "epoch": state["epoch"],
            "recorded_test_error": recorded["test_error"], "test_error": new["test_error"]}
     for key in ("train_mode_test_error", "bn_gap"):
         if key in new:

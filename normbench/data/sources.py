@@ -363,6 +363,20 @@ def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
     return str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns
 
 
+def _check_writable_cache_dir(folder: Path) -> None:
+    """DatasetError naming ``dataset.cache_dir`` when the decoded images could not be saved
+    there (a path under a file, a read-only folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise DatasetError(
+            f"dataset.cache_dir={str(folder)!r} cannot be written ({error}); choose a writable "
+            f"folder for the decoded images"
+        ) from None
+
+
 def _save_atomically(payload: Mapping[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +410,7 @@ def image_folder_tensors(dataset: Mapping[str, Any]) -> TensorSplits:
     if cache.is_file():
         logger.info("loading the decoded image folder %s from %s", layout.root, cache)
         return _load_cached_splits(cache)
+    _check_writable_cache_dir(cache.parent)  # before minutes of decoding, not after
     logger.info(
         "decoding %d images from %s (once; cached in %s)",
         len(train_files) + len(test_files),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench.config import RunConfig, parse_config
 from normbench.fast_paths import use_channels_last
 from normbench.machine import cpu_features, cpu_has_bf16, cpu_model, gpu_model, package_versions
 from normbench.models import MODELS, build_model
@@ -181,11 +182,11 @@ class Context:
     """What every item needs: the device, the run size and the base config (conf/ composed)."""
 
     device: torch.device
-    base_config: dict[str, Any]  # the default run config as run.py composes it
+    base_config: RunConfig  # the default run config as run.py composes it
     quick: bool = False
     repeats: int = 7
     workers: int = 8
-    model: str = "resnet20"  # conf/model/ choice of the CPU items (base_config["model"])
+    model: str = "resnet20"  # conf/model/ choice of the CPU items (base_config.model)
     image_size: int = 32
     compile: bool = False  # also measure torch.compile in item 7 (always on CUDA)
     num_workers: int = 2  # DataLoader processes for the image-folder pipeline
@@ -198,8 +199,9 @@ class Context:
         return self.variant.amp_dtype(self.device)
 
     def config(self, **changes: Any) -> dict[str, Any]:
-        """The base config with top-level keys and ``dataset`` / ``norm`` entries changed."""
-        cfg = copy.deepcopy(self.base_config)
+        """The base config as a plain mapping, with top-level keys and ``dataset`` / ``norm``
+        entries changed (:func:`normbench.config.parse_config` makes a run config of it)."""
+        cfg = copy.deepcopy(self.base_config.to_dict())
         for key, value in changes.items():
             if key in ("dataset", "norm", "model", "optim") and isinstance(value, Mapping):
                 cfg[key].update(value)
@@ -229,13 +231,14 @@ def bench_model(ctx: Context, norm: str, batch: int | None, *, model: str | None
     ``model=None``: the base config's model (name, width, zero_init_last); else the registry's
     ``model`` at width 1 (as conf/model/<model>.yaml)."""
     variant = variant or ctx.variant
-    node = ctx.base_config["model"] if model is None else {"name": model, "width": 1.0,
-                                                           "zero_init_last": True}
+    base = ctx.base_config.model
+    name, width, zero_init_last = ((base.name, base.width, base.zero_init_last) if model is None
+                                   else (model, 1.0, True))
     torch.manual_seed(0)
-    net = build_model(node["name"], num_classes=num_classes, norm=norm,
-                      norm_options=norm_options_for(norm, node["name"], node["width"]),
+    net = build_model(name, num_classes=num_classes, norm=norm,
+                      norm_options=norm_options_for(norm, name, width),
                       batch=batch, stem=stem_for(image_size or ctx.image_size),
-                      width=node["width"], zero_init_last=node["zero_init_last"]).to(ctx.device)
+                      width=width, zero_init_last=zero_init_last).to(ctx.device)
     layout = variant.channels_last if channels_last is None else channels_last
     if use_channels_last(layout, norm, ctx.device, variant.amp_dtype(ctx.device)):
         net.to(memory_format=torch.channels_last)
@@ -273,14 +276,14 @@ class MinimalLoop:
             else torch.contiguous_format)
         batches = [(images.contiguous(memory_format=memory_format), labels)
                    for images, labels in batches]
-        optim = ctx.base_config["optim"]
+        optim = ctx.base_config.optim
         global_batch = len(batches[0][1])
         self.ctx, self.model, self.batches = ctx, model, batches
         set_total_steps(model, len(batches))  # BRN's schedule: one call is one run
         self.optimizer = torch.optim.SGD(
-            parameter_groups(model, optim["weight_decay"], optim["norm_weight_decay"]),
-            lr=optim["lr_per_256"] * global_batch / 256, momentum=optim["momentum"],
-            nesterov=optim["nesterov"])
+            parameter_groups(model, optim.weight_decay, optim.norm_weight_decay),
+            lr=optim.lr_per_256 * global_batch / 256, momentum=optim.momentum,
+            nesterov=optim.nesterov)
         self.mark_cudagraph_steps = mark_cudagraph_steps
         model.train()
 
@@ -321,20 +324,21 @@ def trainer_for(ctx: Context, *, batch: int, workers: int, norm: str = "bn",
     per-worker BN is set by whoever calls the trainer: :meth:`Variant.run`). ``changes``:
     further config keys; ``dataset`` and ``optim`` entries are merged into the above."""
     variant = variant or ctx.variant
-    node = ctx.base_config["model"] if model is None else {"name": model, "width": 1.0}
+    base = ctx.base_config.to_dict()
+    node = base["model"] if model is None else {**base["model"], "name": model, "width": 1.0}
     dataset = {"name": "synthetic", "train_size": train_size,
                "test_size": max(batch * workers, 64), "image_size": image_size or ctx.image_size,
                **changes.pop("dataset", {})}
     cfg = ctx.config(batch=batch, workers=workers, model={**node, "stem": "cifar"},
                      precision=variant.precision, channels_last=variant.channels_last,
                      dataset=dataset, progress=False, device=str(ctx.device),
-                     optim={**ctx.base_config["optim"], **changes.pop("optim", {})}, **changes)
+                     optim={**base["optim"], **changes.pop("optim", {})}, **changes)
     # the norm's node as conf/norm/<norm>.yaml has it (its options with the library's defaults,
     # which those files repeat), not the base config's bn node with another name
     cfg["norm"] = {"name": norm, **norm_options(norm),
                    **norm_options_for(norm, node["name"], node["width"])}
     torch.manual_seed(0)
-    return Trainer(cfg, folder=None, fused_sgd=variant.fused_sgd)
+    return Trainer(parse_config(cfg), folder=None, fused_sgd=variant.fused_sgd)
 
 
 def repeat(fn: Callable[[], Any], times: int) -> Callable[[], None]:
