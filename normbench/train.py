@@ -135,8 +135,8 @@ def sgd(model: nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim
 
     ``fused``: one kernel updates every parameter (CPU and CUDA) instead of a loop of five or
     so small ops per parameter, several hundred per step on a ResNet, a fixed cost that weighs
-    most on small batches. The update is the same arithmetic (tests/test_training_step.py
-    checks equal weights)."""
+    most on small batches. The update is the loop's up to floating-point rounding
+    (tests/test_training_step.py compares the weights after an epoch)."""
     return torch.optim.SGD(
         parameter_groups(model, optim.weight_decay, optim.norm_weight_decay),
         lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov,
