@@ -44,6 +44,11 @@ NON_RUN_KEYS = ("experiment_name", "out_root", "wandb", "progress", "device", "n
                 "threads", "eval_batch", "channels_last", "compile", "compile_mode",
                 "archive_dir", "archive_commit")
 NON_RUN_DATASET_KEYS = ("root", "cache_dir", "download")
+# Data-set keys added after runs were recorded, with the value every earlier run had: a config
+# without the key (an older config.yaml, a library user's dict) gets that value, and at that
+# value the key is left out of the run key, so earlier runs keep their names and a relaunch
+# still finds their records.
+ADDED_DATASET_KEYS: dict[str, dict[str, Any]] = {"synthetic": {"brightness": 0.05}}
 
 
 class ConfigError(ValueError):
@@ -213,7 +218,7 @@ _CIFAR_OPTIONS: dict[str, Check] = {"root": folder_path, "download": boolean}
 DATASET_OPTIONS: dict[str, dict[str, Check]] = {
     "synthetic": {"train_size": integer(1), "test_size": integer(1), "seed": integer(0),
                   "prototype_size": integer(1), "noise": number(0), "mix": number(0),
-                  "shift": integer(0)},
+                  "shift": integer(0), "brightness": number(0)},
     "cifar10": _CIFAR_OPTIONS,
     "cifar100": _CIFAR_OPTIONS,
     "imagefolder": {"preset": preset, "root": folder_path,
@@ -409,6 +414,7 @@ def _parse_dataset(cfg: Mapping[str, Any]) -> DatasetConfig:
     # it): a bad preset is named as dataset.preset, not as the values that follow from it
     if "preset" in own:
         own["preset"]("dataset.preset", _require(node, "preset"))
+    node = {**ADDED_DATASET_KEYS.get(name, {}), **node}
     values = _checked({k: v for k, v in node.items() if k != "name"}, "dataset.",
                       {**DATASET_FIELDS, **own}, f"dataset={name}")
     return DatasetConfig(name=name, **{key: values[key] for key in DATASET_FIELDS},
@@ -535,8 +541,10 @@ def run_key(cfg: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
     """The part of the config that decides what a run computes (see :data:`NON_RUN_KEYS`)."""
     key = {k: v for k, v in _plain(cfg).items() if k not in NON_RUN_KEYS and k != "hydra"}
     if isinstance(key.get("dataset"), Mapping):
+        added = ADDED_DATASET_KEYS.get(key["dataset"].get("name"), {})
         key["dataset"] = {k: v for k, v in key["dataset"].items()
-                          if k not in NON_RUN_DATASET_KEYS}
+                          if k not in NON_RUN_DATASET_KEYS
+                          and not (k in added and v == added[k])}
     return key
 
 

@@ -175,6 +175,33 @@ def test_synthetic_train_and_test_are_separate_draws() -> None:
     assert not any(bytes(image.numpy()) in train for image in splits.test_images)
 
 
+def test_synthetic_brightness_is_the_spread_of_each_images_mean_colour() -> None:
+    # b ~ N(0, brightness) per image and channel: the channel means of the images spread by
+    # about that much (the patterns add 0.03; clipping to [0, 1] takes some of a large spread
+    # off), while each image's own spatial contrast stays about as it was
+    def spread(brightness: float) -> tuple[float, float]:
+        images = data.synthetic_splits(small_synthetic(brightness=brightness)).train_images
+        pixels = images.double() / 255
+        channel_means = pixels.mean(dim=(2, 3))
+        return channel_means.std().item(), pixels.std(dim=(2, 3)).mean().item()
+
+    (low_between, low_within), (high_between, high_within) = spread(0.05), spread(0.2)
+    assert 0.04 < low_between < 0.07 and 0.13 < high_between < 0.2
+    assert abs(high_within - low_within) < 0.03
+
+
+def test_synthetic_default_brightness_draws_the_images_drawn_before_it_was_a_key() -> None:
+    # The value every run before the key had (normbench.config.ADDED_DATASET_KEYS): the images,
+    # and so the results of those runs, are the same
+    from normbench.config import ADDED_DATASET_KEYS
+
+    assert dataset_config("synthetic")["brightness"] == ADDED_DATASET_KEYS["synthetic"]["brightness"]
+    splits = data.synthetic_splits(small_synthetic())
+    # pixel sums of the same data set computed with the code before the key existed
+    assert int(splits.train_images.long().sum()) == 78507773
+    assert int(splits.test_images.long().sum()) == 27572262
+
+
 def test_synthetic_shapes_dtypes_and_balance() -> None:
     splits = data.synthetic_splits(small_synthetic(train_size=203))
     assert splits.train_images.shape == (203, 3, 32, 32)

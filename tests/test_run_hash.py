@@ -58,3 +58,13 @@ def test_committed_runs_keep_their_folder_names(folder):
     parsed = parse_config(plain)
     assert run_name(parsed) == folder.name
     assert config_hash(parsed) == folder.name.rsplit("_", 1)[1]
+
+
+def test_a_synthetic_config_from_before_the_brightness_key_parses_and_keeps_its_name():
+    plain = compose_config([])
+    before = {**plain, "dataset": {k: v for k, v in plain["dataset"].items() if k != "brightness"}}
+    assert run_name(before) == run_name(plain) == PINNED[()]
+    assert parse_config(before).dataset.options["brightness"] == 0.05
+    # another value is another run
+    brighter = {**plain, "dataset": {**plain["dataset"], "brightness": 0.15}}
+    assert run_name(brighter) != run_name(plain)

@@ -11,7 +11,7 @@ is
 
 clipped to [0, 1] and stored as uint8, where c ~ U(0.6, 1.4) is the contrast, z a random other
 class mixed in with weight m ~ U(0, mix), each prototype circularly shifted by its own random
-offset of up to `shift` pixels in each direction, b ~ N(0, 0.05) a per-channel brightness and
+offset of up to `shift` pixels in each direction, b ~ N(0, brightness) a per-channel brightness and
 `noise` the pixel noise. The random shifts make a linear classifier useless (a CNN must learn
 shift-invariant features); the mixed-in class and the noise keep it from being solved at once.
 Labels are balanced (every class gets n // num_classes or one more images). Train and test use
@@ -56,9 +56,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when the content of the decoded-tensor cache changes, so stale caches are not reused.
 _CACHE_FORMAT = 1
-# Synthetic data: range of the per-image contrast and std of the per-channel brightness shift.
+# Synthetic data: range of the per-image contrast.
 _SYNTHETIC_CONTRAST = (0.6, 1.4)
-_SYNTHETIC_BRIGHTNESS_STD = 0.05
 # Synthetic data: prototypes of unit std are scaled by this around mid-grey (0.5).
 _SYNTHETIC_AMPLITUDE = 0.15
 
@@ -79,7 +78,8 @@ def _shifted_by_channel(prototypes: Tensor, labels: Tensor, shifts: Tensor) -> T
 
 
 def _synthetic_split(
-    prototypes: Tensor, size: int, generator: torch.Generator, noise: float, mix: float, shift: int
+    prototypes: Tensor, size: int, generator: torch.Generator, noise: float, mix: float, shift: int,
+    brightness: float,
 ) -> tuple[Tensor, Tensor]:
     """`size` balanced images of the prototypes' classes, as the module docstring describes."""
     num_classes = len(prototypes)
@@ -90,11 +90,11 @@ def _synthetic_split(
     mix_weight = mix * torch.rand(1, size, 1, 1, generator=generator)
     own_shift = torch.randint(-shift, shift + 1, (size, 2), generator=generator)
     other_shift = torch.randint(-shift, shift + 1, (size, 2), generator=generator)
-    brightness = _SYNTHETIC_BRIGHTNESS_STD * torch.randn(3, size, 1, 1, generator=generator)
+    brightness_shift = brightness * torch.randn(3, size, 1, 1, generator=generator)
     # Built channel-first (3, N, H, W) and transposed once at the end, as uint8 (cheap).
     images = _shifted_by_channel(prototypes, labels, own_shift).mul_(contrast)
     images += _shifted_by_channel(prototypes, others, other_shift).mul_(mix_weight)
-    images.mul_(_SYNTHETIC_AMPLITUDE).add_(brightness + 0.5)
+    images.mul_(_SYNTHETIC_AMPLITUDE).add_(brightness_shift + 0.5)
     images += noise * torch.randn(images.shape, generator=generator)
     images = images.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     return images.transpose(0, 1).contiguous(), labels
@@ -133,6 +133,7 @@ def synthetic_splits(dataset: Mapping[str, Any]) -> TensorSplits:
         noise=float(require(dataset, "noise")),
         mix=float(require(dataset, "mix")),
         shift=int_at_least(dataset, "shift", 0),
+        brightness=float(require(dataset, "brightness")),
     )
     train = draw(int_at_least(dataset, "train_size", 1), seeded_generator("synthetic-train", seed))
     test = draw(int_at_least(dataset, "test_size", 1), seeded_generator("synthetic-test", seed))
