@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 CORE_KEYS = ("norm", "placement", "batch")
 # Settings worth stating in the report when every run shares them.
 KEY_SETTINGS = (
-    "model", "model.stem", "model.width", "dataset", "dataset.image_size", "dataset.max_per_class",
-    "dataset.max_test_per_class", "epochs", "workers", "batch", "placement", "act",
+    "model", "model.stem", "model.width", "dataset", "dataset.image_size", "dataset.brightness",
+    "dataset.max_per_class", "dataset.max_test_per_class", "epochs", "workers", "batch",
+    "placement", "act",
     "optim.lr_per_256", "optim.warmup_epochs", "optim.milestones", "optim.momentum",
     "optim.nesterov", "optim.weight_decay", "bn_eval",
 )
