@@ -515,7 +515,7 @@ def render_report(
         parts += ["```bash", command, "```"]
     else:
         parts += [f"Command unknown: no `{COMMAND_FILE}` in the experiment folder."]
-    regenerate = f"python scripts/report.py {experiment_dir.as_posix()} --out {out_dir.as_posix()}"
+    regenerate = f"normbench report {experiment_dir.as_posix()} --out {out_dir.as_posix()}"
     regenerate += "".join(f" {option}" for option in report_options)
     parts += ["", f"Regenerate this report: `{regenerate}`", ""]
     parts += settings_lines(runs) + [""]

@@ -296,3 +296,26 @@ def test_report_refuses_wandb_logging_for_runs_of_several_projects(tmp_path):
         report.wandb_destination(runs)
     with pytest.raises(ValueError, match="no wandb.project"):
         report.wandb_destination(runs.drop(columns=["wandb.project"]))
+
+
+def test_regenerate_line_is_a_command_that_remakes_the_report(tmp_path, monkeypatch):
+    """REPORT.md names the command that regenerates it: run as written, it rewrites the same
+    report (all but the time stamp) into the same folder."""
+    import re
+    import shlex
+
+    from normbench import cli
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    experiment_dir = make_experiment(tmp_path / "runs")
+    first = write_quietly(experiment_dir, tmp_path / "out", leave_out=("bn_gap",))
+    before = first.read_text()
+    (line,) = re.findall(r"Regenerate this report: `([^`]*)`", before)
+    argv = shlex.split(line)
+    assert argv[:2] == ["normbench", "report"]
+    first.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(argv[1:]) == 0
+    stamp = re.compile(r"^Generated .* UTC from", re.M)
+    assert stamp.sub("", first.read_text()) == stamp.sub("", before)
