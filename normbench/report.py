@@ -57,6 +57,8 @@ KEY_SETTINGS = (
 MISSING = "–"
 # Diagnostics a report can leave out (write_report(leave_out=...)), e.g. records known to be wrong.
 OPTIONAL_METRICS = ("bn_gap", "train_mode_test_error")
+# The per-run numbers summarized over seeds, each a table of the report and rows of summary.csv.
+SUMMARY_METRICS = ("median5_error", "final_error", "final_train_error", "train_error_fall5")
 
 
 # --------------------------------------------------------------------------- what the runs are
@@ -529,6 +531,14 @@ def render_report(
               "or have not finished are counted beside the numbers and left out of them.", ""]
     parts += [results_tables(median5), ""]
     parts += ["Last epoch's test error (%):", "", results_tables(final), ""]
+    parts += ["## Convergence", "",
+              "Whether the protocol trained long enough: the last epoch's training error (%, on the "
+              "augmented training images in train mode, as the epoch went) and how many points it "
+              "fell over the last 5 epochs (about 0: the run had stopped learning; a step-starved "
+              "run ends with a high training error that is still falling).", "",
+              results_tables(summaries["final_train_error"]), "",
+              "Fall of the training error over the last 5 epochs (points):", "",
+              results_tables(summaries["train_error_fall5"]), ""]
 
     if compares_with_paper(runs):
         parts += ["## Ours beside the paper", "", f"Paper: {PAPER_SOURCE}; top-1 val error (%).",
@@ -675,7 +685,7 @@ def write_report(
     core = [c for c in CORE_KEYS if c in runs.columns]
     by = [*core, *extra_factors(runs, core)]
     summaries = {metric: summarize(runs, metric=metric, by=by)
-                 for metric in ("median5_error", "final_error")}
+                 for metric in SUMMARY_METRICS}
     log.info("%d runs, summarized by %s", len(runs), ", ".join(by))
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ RESULT_COLUMNS = (
     "final_error",
     "median5_error",
     "best_error",
+    "final_train_error",
+    "train_error_fall5",
     "bn_gap",
     "train_mode_test_error",
     "images_per_second",
@@ -115,12 +117,18 @@ def _last_bn_gap(records: list[dict[str, Any]]) -> float:
 def results_from_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Return the summary numbers derived from the per-epoch records alone."""
     test_errors = pd.Series([_number(r.get("test_error")) for r in records], dtype=float)
+    train_errors = pd.Series([_number(r.get("train_error")) for r in records], dtype=float)
     speeds = pd.Series([_number(r.get("images_per_second")) for r in records], dtype=float)
     return {
         "final_error": _last(records, "test_error"),
         # The paper's metric: median test error of the last 5 epochs (fewer if fewer ran).
         "median5_error": float(test_errors.tail(5).median()) if records else math.nan,
         "best_error": float(test_errors.min()) if records else math.nan,
+        # Whether training had converged: the last epoch's training error, and how many points
+        # it fell over the last 5 epochs (about 0: flat; a run still learning falls).
+        "final_train_error": _last(records, "train_error"),
+        "train_error_fall5": (float(train_errors.iloc[-min(5, len(records))] - train_errors.iloc[-1])
+                              if records else math.nan),
         "images_per_second": float(speeds.median()) if records else math.nan,
         "wall_time": _last(records, "wall_time"),
         "epochs_done": len(records),

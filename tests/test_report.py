@@ -54,7 +54,8 @@ def test_report_writes_tables_and_figures(cifar_report):
     assert (epochs[completed] == 6).all() and set(epochs.index) <= set(runs["run_dir"])
     assert {"norm", "batch", "seed", "test_error", "train_error"} <= set(curves.columns)
     summary = pd.read_csv(out_dir / "summary.csv")
-    assert set(summary["metric"]) == {"median5_error", "final_error"}
+    assert set(summary["metric"]) == {"median5_error", "final_error", "final_train_error",
+                                      "train_error_fall5"}
     cell = summary[(summary["metric"] == "median5_error") & (summary["norm"] == "bn")
                    & (summary["batch"] == 32)].iloc[0]
     assert (cell["mean"], cell["count"]) == (pytest.approx(10.5), 2)
@@ -319,3 +320,16 @@ def test_regenerate_line_is_a_command_that_remakes_the_report(tmp_path, monkeypa
         assert cli.main(argv[1:]) == 0
     stamp = re.compile(r"^Generated .* UTC from", re.M)
     assert stamp.sub("", first.read_text()) == stamp.sub("", before)
+
+
+def test_report_shows_whether_training_converged(cifar_report):
+    """The Convergence section tabulates each cell's last training error and its fall over the
+    last 5 epochs, as summary.csv has them."""
+    text = cifar_report.read_text()
+    assert "## Convergence" in text
+    summary = pd.read_csv(cifar_report.parent / "summary.csv")
+    for metric in ("final_train_error", "train_error_fall5"):
+        cells = summary[(summary["metric"] == metric) & (summary["count"] > 0)]
+        assert len(cells) > 0
+        for _, cell in cells.iterrows():
+            assert report.format_cell(cell) in text, (metric, cell["norm"], cell["batch"])

@@ -223,6 +223,9 @@ def test_load_runs_values_of_completed_run(runs):
     assert run["median5_error"] == pytest.approx(14.0)
     assert run["final_error"] == pytest.approx(13.5)
     assert run["best_error"] == pytest.approx(13.0)
+    # training errors 45, 10, 8, 9, 9.5, 8.5: the last, and the fall from 5 epochs before the end
+    assert run["final_train_error"] == pytest.approx(8.5)
+    assert run["train_error_fall5"] == pytest.approx(10.0 - 8.5)
     assert run["epochs_done"] == 6
     assert run["images_per_second"] == pytest.approx(800.0)
     assert run["wall_time"] == pytest.approx(60.0)
