@@ -16,7 +16,8 @@ from normbench.config import RunConfig, config_hash, parse_config, run_key, run_
 PINNED = {
     (): "bn_b32x8_before_s0_b07050e6",
     ("norm=gn", "batch=2"): "gn_b2x8_before_s0_18f9caad",
-    ("experiment=cifar10", "norm=gn8", "batch=2"): "gn_b2x2_before_s0_4dd3482b",
+    # epochs=15: the name pinned when the experiment trained 15 epochs (now 30, another name)
+    ("experiment=cifar10", "norm=gn8", "batch=2", "epochs=15"): "gn_b2x2_before_s0_4dd3482b",
     ("norm=brn", "batch=8", "model=resnet8"): "brn_b8x8_before_s0_c8f66689",
     ("norm=frn", "norm.learnable_eps=true", "dataset=imagefolder"):
         "frn_b32x8_before_s0_b81187cf",
