@@ -51,7 +51,7 @@ cifar10: setup
 	$(MAKE) cifar10-report
 
 cifar10-report: setup
-	$(NORMBENCH) report results/cifar10/runs --out results/cifar10
+	$(NORMBENCH) report results/cifar10/runs --out results/cifar10 --notes results/cifar10/NOTES.md
 
 # The paper's Figure 1 on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), sized for 2 CPU
 # cores: experiments/cifar10_cpu.yaml, 2 runs at a time with one torch thread each. One seed at a

@@ -53,3 +53,15 @@ def test_summary_and_report_tables_are_those_of_the_runs(committed):
         for _, cell in ours.iterrows():
             assert report.format_cell(cell) in text, (metric, dict(cell[by]))
     assert f"| completed | {int((runs['status'] == 'completed').sum())} |" in text
+
+
+def test_make_cifar10_report_remakes_the_committed_report():
+    """results/cifar10 is made from its committed records alone: `make cifar10-report` must run
+    the command its REPORT.md names, notes included, or a regenerated report loses them."""
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    (target,) = re.findall(r"^cifar10-report:.*\n\t\$\(NORMBENCH\) (report .*)$", makefile, re.M)
+    text = (ROOT / "results" / "cifar10" / "REPORT.md").read_text()
+    (line,) = re.findall(r"Regenerate this report: `normbench (report [^`]*)`", text)
+    assert target == line
