@@ -127,7 +127,7 @@ def results_from_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
         # Whether training had converged: the last epoch's training error, and how many points
         # it fell over the last 5 epochs (about 0: flat; a run still learning falls).
         "final_train_error": _last(records, "train_error"),
-        "train_error_fall5": (float(train_errors.iloc[-min(5, len(records))] - train_errors.iloc[-1])
+        "train_error_fall5": (float(train_errors.tail(5).iloc[0] - train_errors.iloc[-1])
                               if records else math.nan),
         "images_per_second": float(speeds.median()) if records else math.nan,
         "wall_time": _last(records, "wall_time"),
