@@ -7,6 +7,8 @@ copies its records, not its checkpoints, to ``<archive_dir>/<run name>/``:
 
     config.yaml  metrics.jsonl  summary.json
 
+adds the command that trains that run alone to ``<archive_dir>/command.txt`` (the overrides Hydra
+recorded for the run's launch: the report made from the archive shows how its runs were made),
 and with ``archive_commit=true`` commits that folder to git at once (only those paths: other
 staged work is left alone). A relaunch, also on a fresh clone without ``runs/``, skips every
 cell whose archived summary says finished, and the report is made from the archive alone
@@ -16,14 +18,17 @@ cell whose archived summary says finished, and the report is made from the archi
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from .config import RunConfig
-from .records import FINISHED, RunFolder, write_atomic_text
+from .records import COMMAND_FILE, FINISHED, RunFolder, read_sweep_commands, write_atomic_text
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,39 @@ def archive_run(folder: RunFolder, archive: RunFolder) -> None:
         write_atomic_text(target, source.read_text())
 
 
+# Where Hydra writes a launch's overrides in the run folder (hydra.output_subdir in
+# conf/config.yaml). A run made through the library, not the command, has none.
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def run_command(folder: RunFolder) -> str | None:
+    """The command that trains the run in ``folder`` alone: ``normbench train`` with the
+    overrides of its last launch as Hydra recorded them (a sweep's job: the sweep's fixed
+    overrides and the cell's values), or None when Hydra recorded none (or they cannot be read:
+    that is said, and the run is archived all the same)."""
+    path = folder.path / HYDRA_OVERRIDES
+    try:
+        overrides = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        log.warning("the command of %s is not recorded: %s cannot be read (%s)", folder.path,
+                    path, error)
+        return None
+    return shlex.join(["normbench", "train", *map(str, overrides or [])])
+
+
+def record_command(archive: RunFolder, command: str) -> None:
+    """Add ``command`` to the archive's command.txt (beside the archived runs), unless it is
+    there already: a relaunch of the same cell adds nothing."""
+    root = archive.path.parent
+    if command in read_sweep_commands(root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / COMMAND_FILE, "a") as f:
+        f.write(command + "\n")
+
+
 def commit_archive(archive: RunFolder, message: str) -> bool:
     """``git add`` and ``git commit`` the archive (the folder of all archived runs, so that one
     whose commit failed earlier goes in too), only its paths: other staged work stays staged.
@@ -88,4 +126,5 @@ def _git(args: list[str], where: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-__all__ = ["FINISHED", "archive_folder", "archive_run", "archived_summary", "commit_archive"]
+__all__ = ["FINISHED", "archive_folder", "archive_run", "archived_summary", "commit_archive",
+           "record_command", "run_command"]

@@ -32,7 +32,8 @@ from torch import nn
 
 from .config import (ConfigError, OptimConfig, RunConfig, build_model_from_config,
                      config_differences, parse_config, run_key, run_name)
-from .archive import archive_folder, archive_run, archived_summary, commit_archive
+from .archive import (archive_folder, archive_run, archived_summary, commit_archive,
+                      record_command, run_command)
 from .bn_eval import dedicated_epoch, statistics_batch
 from .distributed import (average_over_processes, average_running_statistics,
                           check_process_count, data_parallel, first_process_decides,
@@ -446,6 +447,9 @@ def keep_in_archive(cfg: RunConfig, folder: RunFolder) -> None:
             or summary.get("status") not in FINISHED or archived_summary(archive) is not None):
         return
     archive_run(folder, archive)
+    command = run_command(folder)
+    if command is not None:
+        record_command(archive, command)
     log.info("%s: records archived in %s", folder.path, archive.path)
     if cfg.archive_commit:
         commit_archive(archive, f"{archive.path}: {summary['status']} "

@@ -8,10 +8,13 @@ import subprocess
 
 import pytest
 
+from normbench.archive import record_command, run_command
+from normbench.commands.report import main as report_cli
 from normbench.config import config_hash, run_name
+from normbench.records import RunFolder
 from normbench.train import run
 
-from conftest import ROOT, TINY, compose_config
+from conftest import ROOT, TINY, compose_config, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -63,3 +66,43 @@ def test_archive_commit_commits_only_the_archived_run(tmp_path, monkeypatch):
     assert f"results/tiny/runs/{run_name(cfg)}/summary.json" in committed
     assert "work.txt" not in committed
     assert "work.txt" in git("diff", "--cached", "--name-only")  # still staged, not lost
+
+
+def test_a_sweep_records_each_archived_run_s_command_and_the_report_shows_them(tmp_path):
+    # The archive's report shows how its runs were made, also on a fresh clone, where the
+    # sweep folder's command.txt is gone: each archived run adds the command that trains it.
+    archive = tmp_path / "results" / "runs"
+    sweep = ["-m", *TINY, "epochs=1", "experiment_name=archived", "norm=bn,gn8",
+             f"out_root={tmp_path / 'runs'}", f"archive_dir={archive}"]
+    assert run_cli(sweep, cwd=tmp_path).returncode == 0
+    commands = (archive / "command.txt").read_text().splitlines()
+    assert len(commands) == 2
+    assert all(c.startswith("normbench train ") and "epochs=1" in c for c in commands)
+    assert sorted(c.split("norm=")[1].split()[0] for c in commands) == ["bn", "gn8"]
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the relaunch skips both, adds nothing
+    assert run_cli(sweep, cwd=tmp_path).returncode == 0
+    assert (archive / "command.txt").read_text().splitlines() == commands
+
+    assert report_cli([str(archive), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "Command unknown" not in text and commands[0] in text and commands[1] in text
+
+
+def test_a_run_made_without_hydra_is_archived_without_a_command(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run(cfg, tmp_path / "runs" / run_name(cfg))
+    assert (tmp_path / "results" / "runs" / run_name(cfg) / "summary.json").exists()
+    assert not (tmp_path / "results" / "runs" / "command.txt").exists()
+
+
+def test_run_command_quotes_the_overrides_hydra_recorded(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    (folder.path / ".hydra").mkdir(parents=True)
+    (folder.path / ".hydra" / "overrides.yaml").write_text(
+        "- norm=gn\n- optim.milestones=[0.5, 0.8]\n")
+    command = run_command(folder)
+    assert command == "normbench train norm=gn 'optim.milestones=[0.5, 0.8]'"
+    record_command(RunFolder(tmp_path / "archive" / "a"), command)
+    record_command(RunFolder(tmp_path / "archive" / "b"), command)  # the same: not repeated
+    assert (tmp_path / "archive" / "command.txt").read_text() == command + "\n"

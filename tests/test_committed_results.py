@@ -65,3 +65,22 @@ def test_make_cifar10_report_remakes_the_committed_report():
     text = (ROOT / "results" / "cifar10" / "REPORT.md").read_text()
     (line,) = re.findall(r"Regenerate this report: `normbench (report [^`]*)`", text)
     assert target == line
+
+
+def test_each_archived_run_has_the_command_that_trains_it():
+    """An archive's command.txt (what its report shows under "How the runs were made") names,
+    for each archived run, a command whose config is that run's: one line per run, none for a
+    run that is not there."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from normbench.config import run_name
+    from normbench.hydra_main import compose
+
+    for archive in sorted((ROOT / "results").glob("*/runs/command.txt")):
+        named = sorted(run_name(OmegaConf.to_container(compose(shlex.split(line)[2:]),
+                                                       resolve=True))
+                       for line in archive.read_text().splitlines())
+        archived = sorted(p.parent.name for p in archive.parent.glob("*/summary.json"))
+        assert named == archived, archive
