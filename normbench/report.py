@@ -583,8 +583,8 @@ def render_report(
               "every epoch of every run: [curves.csv](curves.csv).", ""]
 
     parts += ["## Environment", "", f"Runs trained on: {trained_on(runs)}.", "",
-              "Machine and software that generated this report (the run records name only the "
-              "torch device they trained on):", ""]
+              "Machine and software that generated this report (where each run trained, from "
+              "its own record, is the line above):", ""]
     parts += [markdown_table(["item", "value"], [[key, value] for key, value in environment.items()]), ""]
     return "\n".join(parts)
 
