@@ -410,9 +410,10 @@ def git_commit() -> str:
 
 
 def trained_on(runs: pd.DataFrame) -> str:
-    """Return the devices the runs' summaries name, with run counts, e.g. `cuda (12 runs)`."""
+    """Return where the runs trained, as their summaries say, with run counts, e.g.
+    `cpu, bf16, AMD EPYC (2 runs); cuda (12 runs)` (each entry is itself comma-separated)."""
     counts = runs["trained_on"].fillna("not recorded").value_counts()
-    return ", ".join(f"{device} ({count} run{'s' if count > 1 else ''})"
+    return "; ".join(f"{device} ({count} run{'s' if count > 1 else ''})"
                      for device, count in counts.items())
 
 

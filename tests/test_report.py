@@ -92,7 +92,7 @@ def test_report_records_command_figures_statuses_and_environment(cifar_report):
     assert f"| pandas | {pd.__version__} |" in text
     assert "| python |" in text and "| CPU cores |" in text and "| GPU |" in text
     assert "swept `batch`: 2, 8, 32" in text
-    assert "Runs trained on: cuda (10 runs), not recorded (3 runs)." in text
+    assert "Runs trained on: cuda (10 runs); not recorded (3 runs)." in text
 
 
 def test_cifar10_report_has_keras_reference_not_paper(cifar_report):
