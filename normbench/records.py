@@ -103,6 +103,11 @@ class RecordsError(RuntimeError):
     """The run folder cannot be used: not writable, locked, or holding unreadable records."""
 
 
+class NoRunsFound(FileNotFoundError):
+    """The experiment folder does not exist or holds no run folder (a mistyped path, usually):
+    the commands print it as one line, not a traceback."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived during a run (SLURM sends it before killing a job): the run stops as on
     Ctrl-C, its records are those of its last finished epoch and a relaunch resumes it."""
@@ -277,7 +282,7 @@ def find_run_dirs(experiment_dir: str | os.PathLike) -> list[Path]:
     """
     root = Path(experiment_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"experiment folder {str(root)!r} does not exist")
+        raise NoRunsFound(f"experiment folder {str(root)!r} does not exist")
     run_dirs = sorted(path.parent for path in root.rglob(CONFIG_FILE)
                       if not _is_inside_hidden_or_wandb(path.parent, root))
     without_config = sorted(

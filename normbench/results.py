@@ -190,7 +190,7 @@ def load_runs(experiment_dir: str | Path) -> pd.DataFrame:
     """
     run_dirs = find_run_dirs(experiment_dir)
     if not run_dirs:
-        raise FileNotFoundError(
+        raise records.NoRunsFound(
             f"no runs in {str(experiment_dir)!r}: no sub-folder holds a {CONFIG_FILE}"
         )
     rows = [load_run(run_dir) for run_dir in run_dirs]

@@ -111,6 +111,17 @@ def test_usage_lists_every_subcommand_and_an_unknown_one_is_named(capsys):
     assert cli.main([]) == 2  # no subcommand: the usage, on stderr
 
 
+@pytest.mark.parametrize("name", ["report", "evaluate"])
+def test_a_wrong_experiment_folder_is_one_line_not_a_traceback(name, tmp_path, capsys):
+    missing, empty = tmp_path / "no_such_folder", tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([name, str(missing), "--out", str(tmp_path / "out.csv")]) == 2
+    assert capsys.readouterr().err == f"error: experiment folder {str(missing)!r} does not exist\n"
+    if name == "report":  # evaluate names a folder without checkpoints itself (exit 1)
+        assert cli.main([name, str(empty), "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.startswith(f"error: no runs in {str(empty)!r}")
+
+
 @pytest.mark.parametrize("name", [n for n in cli.SUBCOMMANDS if n not in ("train", "bench")])
 def test_every_argparse_subcommand_has_help_under_its_own_name(name, capsys):
     with pytest.raises(SystemExit) as exit_:

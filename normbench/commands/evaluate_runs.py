@@ -23,7 +23,7 @@ import pandas as pd
 
 from normbench.bn_eval import has_batch_statistics
 from normbench.config import parse_config, run_key
-from normbench.records import RecordsError, RunFolder, find_run_dirs
+from normbench.records import NoRunsFound, RecordsError, RunFolder, find_run_dirs
 from normbench.train import Trainer
 
 CELL = ("norm", "placement", "batch")  # the markdown table's rows: one per cell, seeds averaged
@@ -72,7 +72,7 @@ def markdown(frame: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         return evaluate_experiment(argv, prog)
-    except RecordsError as error:  # a damaged record: one line naming the file
+    except (RecordsError, NoRunsFound) as error:  # a damaged record or a wrong folder: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from normbench.records import RecordsError
+from normbench.records import NoRunsFound, RecordsError
 from normbench.report import OPTIONAL_METRICS, write_report
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         report = write_report(args.experiment_dir, out_dir, command=args.command,
                               notes=args.notes, leave_out=args.leave_out, log_to_wandb=args.wandb)
-    except RecordsError as error:  # a damaged record: one line naming the file
+    except (RecordsError, NoRunsFound) as error:  # a damaged record or a wrong folder: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report: {report}")
