@@ -393,9 +393,12 @@ def gpu_names() -> str:
     return ", ".join(names)
 
 
-def git_commit() -> str:
-    """Return normbench's git commit, with `-dirty` when tracked files have changes."""
-    repo = Path(__file__).resolve().parent
+def git_commit(repo: Path | None = None) -> str:
+    """Return normbench's git commit, with `-dirty` when tracked files outside `results/` have
+    changes. `results/` is left out because it holds data, not code: a report regenerated
+    beside edited notes, or before its own files are committed, was still made by the
+    committed code."""
+    repo = repo or Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
@@ -403,7 +406,8 @@ def git_commit() -> str:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--",
+                    ":(top)", ":(top,exclude)results")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout or no commit yet)"
     return commit + ("-dirty" if dirty else "")

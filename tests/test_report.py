@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -333,3 +334,29 @@ def test_report_shows_whether_training_converged(cifar_report):
         assert len(cells) > 0
         for _, cell in cells.iterrows():
             assert report.format_cell(cell) in text, (metric, cell["norm"], cell["batch"])
+
+
+def test_report_commit_is_dirty_for_edited_code_not_for_edited_results(tmp_path):
+    # Committed reports are regenerated beside edited NOTES.md and before their own files are
+    # committed; "-dirty" must flag code that differs from the commit, not that.
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("config", "user.email", "test@example.com")
+    git("config", "user.name", "test")
+    code = tmp_path / "normbench"
+    notes = tmp_path / "results" / "toy" / "NOTES.md"
+    code.mkdir()
+    notes.parent.mkdir(parents=True)
+    (code / "train.py").write_text("lr = 0.1\n")
+    notes.write_text("first notes\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    head = git("rev-parse", "HEAD")
+
+    assert report.git_commit(code) == head
+    notes.write_text("edited notes\n")
+    assert report.git_commit(code) == head
+    (code / "train.py").write_text("lr = 0.2\n")
+    assert report.git_commit(code) == head + "-dirty"
