@@ -306,8 +306,9 @@ def shape_vs_batch(
     """Each norm's error minus its own error at the largest batch we ran, against batch, a panel
     per placement, with published (norm, batch, error) frames drawn the same way, dashed.
 
-    The paper's claim is this shape (BN's error grows as the batch shrinks, GN's stays flat),
-    and differences can share an axis with published ones whose error level is elsewhere.
+    summary_df: a results.summarize_shape() frame (differences paired by seed). The paper's
+    claim is this shape (BN's error grows as the batch shrinks, GN's stays flat), and
+    differences can share an axis with published ones whose error level is elsewhere.
     references: (label, frame) pairs; a reference norm is drawn when we ran that norm and the
     reference has our base batch. Returns None with fewer than two batches.
     """
@@ -328,7 +329,7 @@ def shape_vs_batch(
             line = _on_grid(rows, "batch", batches)["mean"]
             if pd.isna(line.loc[base]):  # nothing to be relative to
                 continue
-            ax.plot(line.index, line - line.loc[base], color=norm_color(key.get("norm"), index),
+            ax.plot(line.index, line, color=norm_color(key.get("norm"), index),
                     label=series_label(key, varying), **line_style(key, styles))
         for reference_index, (label, reference) in enumerate(references):
             for index, (norm, rows) in enumerate(reference.groupby("norm", sort=True)):
@@ -350,7 +351,8 @@ def shape_vs_batch(
     metric = METRIC_LABELS.get(_metric_of(summary_df), "error (%)").replace(" (%)", "")
     axes[0].set_ylabel(f"{metric}\nminus its value at batch {base:g} (points)")
     _suptitle(fig, title or f"Shape: error relative to batch {base:g} "
-                          f"(ours: {seeds_phrase(summary_df, 'mean')}; dashed: published)")
+                          f"(ours: {seeds_phrase(summary_df, 'mean')}, paired by seed; "
+                          "dashed: published)")
     return fig
 
 

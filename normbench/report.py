@@ -39,6 +39,7 @@ from normbench.results import (
     series_columns,
     series_label,
     summarize,
+    summarize_shape,
     swept_columns,
     varying_columns,
 )
@@ -210,24 +211,34 @@ def shape_references(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return references
 
 
-def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
+def shape_table(shape: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
     """Return each norm's error at every batch minus its own error at the largest batch, ours
-    (mean over completed seeds) beside the references' (name, frame) with the same base batch.
+    (a summarize_shape() frame: mean over seeds, paired by seed) beside the references' (name,
+    frame) with the same base batch.
 
     The paper's claim is a shape (BN degrades as the batch shrinks, GN does not), and the shape
-    can be compared across models and data sets whose error levels differ. None with one batch.
+    can be compared across models and data sets whose error levels differ. A cell's seed count
+    is shown where it differs from the base cell's. None with one batch.
     """
-    batches = _batches_descending(summary)
+    batches = _batches_descending(shape)
     if len(batches) < 2:
         return None
     base = batches[0]
-    placements = ordered_placements(summary)
+    placements = ordered_placements(shape)
     rows = []
-    for norm in sorted(set(summary["norm"])):
-        for label, series in _ours_by_placement(summary, norm, placements):
-            mean = {int(row["batch"]): row["mean"] for _, row in series.iterrows()}
-            base_mean = mean.get(base, float("nan"))
-            rows.append([label, *[_signed(mean.get(b, float("nan")) - base_mean) for b in batches]])
+    for norm in sorted(set(shape["norm"])):
+        for label, series in _ours_by_placement(shape, norm, placements):
+            cells = {int(row["batch"]): row for _, row in series.iterrows()}
+            base_count = cells[base]["count"] if base in cells else 0
+            row = [label]
+            for batch in batches:
+                cell = cells.get(batch)
+                if cell is None or pd.isna(cell["mean"]) or base_count == 0:
+                    row.append(MISSING)
+                    continue
+                paired = f" (n={cell['count']})" if cell["count"] != base_count else ""
+                row.append(_signed(cell["mean"]) + paired)
+            rows.append(row)
         for reference_name, reference in references:
             theirs = reference[reference["norm"] == norm].set_index("batch")["error"]
             if base in theirs.index and len(theirs) > 1:
@@ -235,6 +246,74 @@ def shape_table(summary: pd.DataFrame, references: Sequence[tuple[str, pd.DataFr
                              *[_signed(theirs[b] - theirs[base]) if b in theirs.index else MISSING
                                for b in batches]])
     return markdown_table(["norm", *[f"batch {b}" for b in batches]], rows)
+
+
+def _gn_range(batches: Sequence[int]):
+    def gn_range(bn: pd.Series, gn: pd.Series) -> float:
+        errors = gn.reindex(batches)
+        return float("nan") if errors.isna().any() else errors.max() - errors.min()
+    return gn_range
+
+
+def paper_claims(batches: Sequence[int]) -> list[tuple[str, object]]:
+    """Return the paper's claims as (name, measure) pairs; measure(bn, gn) takes two error
+    Series indexed by batch and returns the claim's number (NaN where a batch is missing)."""
+    large, small = max(batches), min(batches)
+    nan = float("nan")
+    return [
+        (f"GN − BN at batch {large} (about 0: GN as good as BN)",
+         lambda bn, gn: gn.get(large, nan) - bn.get(large, nan)),
+        (f"BN − GN at batch {small} (large: BN degrades, GN does not)",
+         lambda bn, gn: bn.get(small, nan) - gn.get(small, nan)),
+        (f"GN's largest minus smallest error over batches {large} to {small} (about 0: flat)",
+         _gn_range(batches)),
+    ]
+
+
+def claims_table(runs: pd.DataFrame, references: Sequence[tuple[str, pd.DataFrame]]) -> str | None:
+    """Return the paper's claims (paper_claims) measured on our bn and gn runs with the norm
+    before the activation, seed by seed, beside the references' (name, frame) numbers.
+
+    Each seed's number uses that seed's runs alone and the mean is over the seeds that have
+    every cell the claim needs: while a grid is partly run, comparing cell means of different
+    seed sets would add the seeds' difference to the claim. None without bn and gn at two
+    batches, or when a further factor (e.g. GN's groups) splits them.
+    """
+    done = runs[runs["status"] == COMPLETED]
+    if "placement" in done.columns:
+        done = done[done["placement"] == "before"]
+    ours = {norm: done[done["norm"] == norm] for norm in ("bn", "gn")}
+    factors = extra_factors(runs)
+    if any(rows.empty or varying_columns(rows, factors) for rows in ours.values()):
+        return None
+    batches = sorted({int(b) for rows in ours.values() for b in rows["batch"]}, reverse=True)
+    if len(batches) < 2:
+        return None
+    by_seed = {norm: rows.pivot_table(index="batch", columns="seed", values="median5_error",
+                                      aggfunc="mean") for norm, rows in ours.items()}
+    seeds = sorted(set(by_seed["bn"].columns) | set(by_seed["gn"].columns))
+
+    def column(frame: pd.DataFrame, seed) -> pd.Series:
+        return frame[seed].dropna() if seed in frame.columns else pd.Series(dtype=float)
+
+    header = ["claim", "ours: mean over seeds", "ours, per seed",
+              *[name for name, _ in references]]
+    rows = []
+    for claim, measure in paper_claims(batches):
+        per_seed = {seed: measure(column(by_seed["bn"], seed), column(by_seed["gn"], seed))
+                    for seed in seeds}
+        per_seed = {seed: value for seed, value in per_seed.items() if not pd.isna(value)}
+        mean = (f"{_signed(sum(per_seed.values()) / len(per_seed))} (n={len(per_seed)})"
+                if per_seed else MISSING)
+        each = ", ".join(f"seed {format_value(seed)}: {_signed(value)}"
+                         for seed, value in per_seed.items()) or MISSING
+        theirs = []
+        for _, reference in references:
+            errors = {norm: reference[reference["norm"] == norm].set_index("batch")["error"]
+                      for norm in ("bn", "gn")}
+            theirs.append(_signed(measure(errors["bn"], errors["gn"])))
+        rows.append([claim, mean, each, *theirs])
+    return markdown_table(header, rows)
 
 
 def groups_comparison_table(summary: pd.DataFrame) -> str | None:
@@ -450,7 +529,8 @@ def make_figures(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str],
             reference, reference_label = KERAS_RESNET32_CIFAR10, "Keras ResNet-32"
         figures["error_vs_batch"] = plots.error_vs_batch(summary, runs=runs, reference=reference,
                                                          reference_label=reference_label)
-        figures["shape_vs_batch"] = plots.shape_vs_batch(summary, shape_references(runs))
+        figures["shape_vs_batch"] = plots.shape_vs_batch(summarize_shape(runs, by=by),
+                                                         shape_references(runs))
     curves = curves_of(runs) if curves is None else curves
     if not curves.empty:
         for batch in sorted({int(summary["batch"].max()), int(summary["batch"].min())}, reverse=True):
@@ -480,7 +560,8 @@ def save_figures(figures: dict[str, Figure], figure_dir: Path) -> dict[str, Path
 FIGURE_CAPTIONS = {
     "error_vs_batch": "Error against batch per worker (as the paper's Figure 1). x marks a cell "
                       "where seeds diverged.",
-    "shape_vs_batch": "Each norm's error minus its own error at the largest batch, ours (solid) "
+    "shape_vs_batch": "Each norm's error minus its own error at the largest batch, ours (solid, "
+                      "paired by seed) "
                       "beside the published numbers (dashed): the shape the paper claims.",
     "groups_ablation": "GN error against number of groups and channels per group (as the paper's "
                        "Table 3).",
@@ -559,15 +640,28 @@ def render_report(
                   "from ours: compare the shape across batches, not the level.", "",
                   comparison_table(median5, KERAS_RESNET32_CIFAR10, "Keras ResNet-32"), ""]
 
-    shape = shape_table(median5, shape_references(runs))
+    by = [column for column in median5.columns if column not in STAT_COLUMNS]
+    shape = shape_table(summarize_shape(runs, by=by), shape_references(runs))
     if shape:
         base = _batches_descending(median5)[0]
         parts += [f"## Shape: error relative to batch {base}", "",
                   f"Each row is a norm's error at each batch minus its own error at batch {base} "
-                  "(median of the last 5 epochs, mean over completed seeds; the published rows "
-                  "likewise). The paper's claim is this shape, which can be compared where error "
-                  "levels differ: BN's error grows as the batch shrinks, GN's stays flat. Read "
-                  "each difference against the seeds' std in the tables above.", "", shape, ""]
+                  "(median of the last 5 epochs; the published rows likewise). Ours are paired by "
+                  f"seed: the mean over the seeds that completed both the cell and batch {base}, "
+                  "their number shown where it is fewer than batch "
+                  f"{base}'s, so a seed still missing from a cell does not move it. The paper's "
+                  "claim is this shape, which can be compared where error levels differ: BN's "
+                  "error grows as the batch shrinks, GN's stays flat. Read each difference "
+                  "against the seeds' std in the tables above.", "", shape, ""]
+
+    claims = claims_table(runs, shape_references(runs))
+    if claims:
+        parts += ["## The paper's claims, seed by seed", "",
+                  "The paper's two claims as numbers, for bn and gn with the norm before the "
+                  "activation (median of the last 5 epochs, points). Each seed's number comes "
+                  "from that seed's runs alone; the mean is over the seeds that completed every "
+                  "cell the claim needs, so a seed still running elsewhere in the grid does not "
+                  "move it.", "", claims, ""]
 
     if notes:
         parts += ["## Discussion", "", notes.strip(), ""]

@@ -331,6 +331,40 @@ def summarize(
     return pd.DataFrame(rows, columns=[*by, "metric", "mean", "std", "count", "diverged", "failed", "incomplete"])
 
 
+def summarize_shape(
+    df: pd.DataFrame,
+    metric: str = "median5_error",
+    by: Sequence[str] = ("norm", "placement", "batch"),
+) -> pd.DataFrame:
+    """Return summarize()'s frame where `mean`, `std` and `count` describe each cell's `metric`
+    minus its own series' at the largest batch of the frame, paired by seed.
+
+    A seed enters a cell only where it completed both that cell and the series' base cell, so
+    while a grid is partly run, the differences compare like with like: subtracting the base
+    cell's mean over other seeds would add the seeds' difference to the shape (a seed that runs
+    GN a point lower everywhere would show as a one-point bump at every batch it has not reached
+    yet). With every seed in every cell it equals the difference of the cell means. Base cells
+    hold 0.0 where any seed completed them.
+    """
+    by = list(by)
+    series_keys = [c for c in by if c != "batch"]
+    summary = summarize(df, metric=metric, by=by)
+    done = df[df["status"] == COMPLETED]
+    if done.empty:
+        return summary
+    # One value per seed and cell (a seed run twice in a cell counts once, as its mean).
+    per_seed = done.groupby([*by, "seed"], dropna=False, as_index=False)[metric].mean()
+    base = per_seed[per_seed["batch"] == df["batch"].max()]
+    base = base.drop(columns="batch").rename(columns={metric: "base"})
+    paired = per_seed.merge(base, on=[*series_keys, "seed"], how="inner")  # NaN keys match NaN
+    paired["difference"] = paired[metric].astype(float) - paired["base"].astype(float)
+    stats = paired.groupby(by, dropna=False, as_index=False)["difference"].agg(
+        mean="mean", std=lambda d: d.std(ddof=1), count="count")
+    shape = summary.drop(columns=["mean", "std", "count"]).merge(stats, on=by, how="left")
+    shape["count"] = shape["count"].fillna(0).astype(int)
+    return shape[summary.columns]
+
+
 # --------------------------------------------------------------------------- series of cells
 # Which cells of a summary (or rows of a curves frame) make one line of a figure or one row of a
 # table, and how that series is named. Tables (normbench.report) and figures (normbench.plots)

@@ -210,25 +210,61 @@ def load_quietly(experiment_dir: Path) -> pd.DataFrame:
 
 def test_shape_table_puts_our_differences_beside_the_published_ones(tmp_path):
     runs = load_quietly(make_experiment(tmp_path / "runs"))
-    summary = results.summarize(runs, by=["norm", "placement", "batch"])
-    table = report.shape_table(summary, [("paper", results.PAPER_RESNET50_IMAGENET),
-                                         ("Keras", results.KERAS_RESNET32_CIFAR10)])
+    shape = results.summarize_shape(runs, by=["norm", "placement", "batch"])
+    table = report.shape_table(shape, [("paper", results.PAPER_RESNET50_IMAGENET),
+                                       ("Keras", results.KERAS_RESNET32_CIFAR10)])
     assert table.startswith("| norm | batch 32 | batch 8 | batch 2 |")
-    # bn: 10.5 at 32, 13.0 at 8 (one run incomplete), 30.0 at 2 (one seed diverged)
-    assert "| bn (ours) | +0.00 | +2.50 | +19.50 |" in table
+    # Paired by seed. bn: 10/11 at 32, 12/14 at 8 (+2.50), 30.0 at 2 from seed 1 alone (seed 0
+    # diverged): 30 - 11 = +19.00, where the cell means would say 30 - 10.5 = +19.50.
+    assert "| bn (ours) | +0.00 | +2.50 | +19.00 (n=1) |" in table
     assert "| bn (paper) | +0.00 | +1.20 | +11.10 |" in table
     assert "| bn (Keras) | +0.00 | +0.26 | +6.10 |" in table
-    assert "| gn (ours) | +0.00 | +0.50 | +0.50 |" in table
+    # gn at 2: seed 0 alone (seed 1 failed), 12 - 11 = +1.00 (cell means: 12 - 11.5 = +0.50)
+    assert "| gn (ours) | +0.00 | +0.50 | +1.00 (n=1) |" in table
     assert "| gn (paper) | +0.00 | -0.10 | +0.00 |" in table
     # one batch: no shape to show
-    assert report.shape_table(summary[summary["batch"] == 32], []) is None
+    assert report.shape_table(shape[shape["batch"] == 32], []) is None
 
 
 def test_shape_table_without_the_base_cell_shows_missing(tmp_path):
     runs = load_quietly(make_experiment(tmp_path / "runs"))
     runs = runs[~((runs["norm"] == "gn") & (runs["batch"] == 32))]
-    summary = results.summarize(runs, by=["norm", "placement", "batch"])
-    assert "| gn (ours) | – | – | – |" in report.shape_table(summary, [])
+    shape = results.summarize_shape(runs, by=["norm", "placement", "batch"])
+    assert "| gn (ours) | – | – | – |" in report.shape_table(shape, [])
+
+
+def test_claims_table_pairs_each_claim_by_seed(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    table = report.claims_table(runs, [("paper", results.PAPER_RESNET50_IMAGENET)])
+    lines = table.splitlines()
+    assert lines[0] == "| claim | ours: mean over seeds | ours, per seed | paper |"
+    # GN - BN at 32: 11 - 10 and 12 - 11
+    assert lines[2].startswith("| GN − BN at batch 32")
+    assert lines[2].endswith("| +1.00 (n=2) | seed 0: +1.00, seed 1: +1.00 | +0.50 |")
+    # BN - GN at 2: bn's seed 0 diverged and gn's seed 1 failed, so no seed has both cells:
+    # no number, where the cell means (30 and 12) would claim +18.00
+    assert lines[3].startswith("| BN − GN at batch 2")
+    assert lines[3].endswith("| – | – | +10.60 |")
+    # GN's range: seed 0 has 11, 11.5, 12; seed 1 misses batch 2. The paper's over 32, 8, 2: 0.1
+    assert lines[4].startswith("| GN's largest minus smallest error over batches 32 to 2")
+    assert lines[4].endswith("| +1.00 (n=1) | seed 0: +1.00 | +0.10 |")
+
+
+def test_claims_table_needs_bn_and_gn_at_two_batches(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs"))
+    assert report.claims_table(runs[runs["norm"] == "gn"], []) is None
+    assert report.claims_table(runs[runs["batch"] == 32], []) is None
+    # the groups ablation: one batch, and GN split by its groups
+    assert report.claims_table(results.load_runs(make_groups_experiment(tmp_path)), []) is None
+
+
+def test_claims_use_the_norm_before_the_activation(tmp_path):
+    runs = load_quietly(make_experiment(tmp_path / "runs", placements=("before", "after")))
+    # gn after made 5 points worse than bn after: the claims read the `before` runs only
+    gn_after = (runs["norm"] == "gn") & (runs["placement"] == "after")
+    runs.loc[gn_after, "median5_error"] += 5.0
+    table = report.claims_table(runs, [])
+    assert "| +1.00 (n=2) | seed 0: +1.00, seed 1: +1.00 |" in table
 
 
 def test_cifar10_report_has_the_shape_section(cifar_report):

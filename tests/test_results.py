@@ -340,6 +340,32 @@ def test_summarize_other_metric_and_missing_keys(runs):
         results.summarize(runs, by=("norm", "nonexistent"))
 
 
+def test_summarize_shape_pairs_seeds_with_the_base_batch(runs):
+    shape = results.summarize_shape(runs).set_index(["norm", "placement", "batch"])
+    assert list(shape.columns) == ["metric", "mean", "std", "count", "diverged", "failed",
+                                   "incomplete"]
+    bn32 = shape.loc[("bn", "before", 32)]
+    assert (bn32["mean"], bn32["count"]) == (0.0, 2)
+    # bn at 8: 12 - 10 and 14 - 11 (the incomplete third seed has no pair, and did not finish)
+    bn8 = shape.loc[("bn", "before", 8)]
+    assert (bn8["mean"], bn8["std"], bn8["count"]) == (
+        pytest.approx(2.5), pytest.approx(math.sqrt(0.5)), 2)
+    assert bn8["incomplete"] == 1
+    # bn at 2: seed 0 diverged, so seed 1 alone: 30 - 11, not 30 - mean(10, 11)
+    bn2 = shape.loc[("bn", "before", 2)]
+    assert (bn2["mean"], bn2["count"], bn2["diverged"]) == (pytest.approx(19.0), 1, 1)
+    gn2 = shape.loc[("gn", "before", 2)]
+    assert (gn2["mean"], gn2["count"], gn2["failed"]) == (pytest.approx(1.0), 1, 1)
+
+
+def test_summarize_shape_without_a_base_seed_has_no_value(runs):
+    # gn's seed 0 misses batch 32: its batch-8 and batch-2 runs have nothing to pair with
+    runs = runs[~((runs["norm"] == "gn") & (runs["batch"] == 32) & (runs["seed"] == 0))]
+    gn = results.summarize_shape(runs).set_index(["norm", "batch"]).loc["gn"]
+    assert gn.loc[8, "count"] == 1 and gn.loc[8, "mean"] == pytest.approx(0.5)  # 12.5 - 12
+    assert gn.loc[2, "count"] == 0 and math.isnan(gn.loc[2, "mean"])
+
+
 def test_summarize_groups_with_missing_keys(tmp_path):
     runs = results.load_runs(make_groups_experiment(tmp_path))
     summary = results.summarize(runs, by=("norm", "norm.groups", "norm.group_channels"))
