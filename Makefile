@@ -7,12 +7,13 @@ NORMBENCH := $(VENV)/bin/normbench
 # that also runs on the CPU). Override on other machines, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo cifar10 cifar10-report cifar10-cpu test test-slow test-all report bench gpu-check clean
+.PHONY: help setup demo cifar10 cifar10-plan cifar10-grid cifar10-report cifar10-cpu test test-slow test-all report bench gpu-check clean
 
 help:
 	@echo "make demo       the demo sweep (synthetic data, CPU, < 10 min) and its report in results/demo"
 	@echo "make cifar10    the converged real-CIFAR-10 reproduction (hours; resumable: each finished run is"
 	@echo "                committed under results/cifar10/runs and skipped by a relaunch) -> results/cifar10"
+	@echo "make cifar10-plan    which cells of make cifar10 are committed, running, to train (does none)"
 	@echo "make cifar10-report  the report of results/cifar10 from its committed records alone"
 	@echo "make cifar10-cpu  the short (10-epoch) real-CIFAR-10 study on 2 CPU cores -> results/cifar10_cpu"
 	@echo "make test       the test suite (about 10 minutes on 2 cores)"
@@ -39,16 +40,26 @@ demo: setup
 # norms and placements, then the second seed. Every finished run is archived and committed under
 # results/cifar10/runs/ as it finishes (archive_commit=true), so a session that stops loses only
 # the runs in flight, and `make cifar10` on a fresh clone goes on where it stopped.
-CIFAR10 = $(NORMBENCH) train -m experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
+CIFAR10_ARGS = experiment=cifar10 hydra/launcher=local threads=1 archive_commit=true
 cifar10: setup
 	$(NORMBENCH) prepare-data
-	$(CIFAR10) seed=0 batch=32
-	$(CIFAR10) seed=0 batch=2
-	$(CIFAR10) seed=0 batch=16,8,4
-	$(CIFAR10) seed=0 norm=ln,in batch=32,2
-	$(CIFAR10) seed=0 placement=after batch=32,2
-	$(CIFAR10) seed=1
+	$(MAKE) --no-print-directory cifar10-grid CIFAR10_DO="$(NORMBENCH) train -m $(CIFAR10_ARGS)"
 	$(MAKE) cifar10-report
+
+# What `make cifar10` would do now with each cell (skip it as committed, resume it, train it),
+# without doing any of it: `normbench plan` on each of its sweeps.
+cifar10-plan: setup
+	@$(MAKE) --no-print-directory cifar10-grid CIFAR10_DO="$(NORMBENCH) plan $(CIFAR10_ARGS)"
+
+# The grid of the reproduction, one sweep a line, in the order it runs (CIFAR10_DO: the command
+# that takes each line's overrides).
+cifar10-grid:
+	$(CIFAR10_DO) seed=0 batch=32
+	$(CIFAR10_DO) seed=0 batch=2
+	$(CIFAR10_DO) seed=0 batch=16,8,4
+	$(CIFAR10_DO) seed=0 norm=ln,in batch=32,2
+	$(CIFAR10_DO) seed=0 placement=after batch=32,2
+	$(CIFAR10_DO) seed=1
 
 cifar10-report: setup
 	$(NORMBENCH) report results/cifar10/runs --out results/cifar10 --notes results/cifar10/NOTES.md

@@ -3,6 +3,7 @@
     normbench train norm=gn batch=2                 # one run: any Hydra override
     normbench train -m experiment=demo              # a sweep (experiments/demo.yaml)
     normbench train --config-dir ~/my_conf experiment=mine   # your own configs beside ours
+    normbench plan experiment=cifar10               # which cells a relaunch skips, resumes, trains
     normbench report runs/demo --out results/demo   # REPORT.md, tables and figures
     normbench evaluate runs/demo --out results/demo/reevaluated.csv
     normbench prepare-data ARCHIVE                  # unpack an image-folder archive
@@ -65,6 +66,8 @@ SUBCOMMANDS = {
     "train": Subcommand(train, "train one model, or a sweep with -m (Hydra overrides)"),
     "report": Subcommand(_command_module("normbench.commands.report"),
                          "write an experiment's report: REPORT.md, CSV tables, figures"),
+    "plan": Subcommand(_command_module("normbench.commands.plan"),
+                       "what `train -m` would do with each cell (skip, resume, train), doing none"),
     "evaluate": Subcommand(_command_module("normbench.commands.evaluate_runs"),
                            "evaluate every run's last checkpoint again with today's code"),
     "prepare-data": Subcommand(_command_module("normbench.commands.prepare_data"),

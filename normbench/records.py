@@ -325,6 +325,22 @@ def _take_lock(path: Path):
     return lock_file
 
 
+def folder_in_use(path: str | os.PathLike) -> bool:
+    """Whether another process holds the run folder's lock now (a run training in it), found
+    without writing anything: the lock is tried and let go at once, and no .lock is created."""
+    try:
+        lock_file = open(Path(path) / LOCK_FILE)
+    except OSError:  # no lock file: no run has opened the folder
+        return False
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return False
+
+
 def claim_run_folder(path: str | os.PathLike) -> bool:
     """Take the run folder's lock now, for the :class:`RunFolder` this process opens next on
     it; False (and nothing written) when another process holds it or it cannot be written.
