@@ -13,7 +13,7 @@ from normbench import report, results
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reports written with their per-epoch records (older ones, such as results/demo, predate them).
-REPORTS = sorted(path.parent for path in (ROOT / "results").glob("*/curves.csv"))
+REPORTS = sorted(path.parent for path in (ROOT / "results").rglob("curves.csv"))
 
 
 def test_the_reproduction_on_real_data_is_committed():
@@ -78,7 +78,7 @@ def test_each_archived_run_has_the_command_that_trains_it():
     from normbench.config import run_name
     from normbench.hydra_main import compose
 
-    for archive in sorted((ROOT / "results").glob("*/runs/command.txt")):
+    for archive in sorted((ROOT / "results").rglob("runs/command.txt")):
         named = sorted(run_name(OmegaConf.to_container(compose(shlex.split(line)[2:]),
                                                        resolve=True))
                        for line in archive.read_text().splitlines())
