@@ -42,7 +42,7 @@ from normbench.train import run
 log = logging.getLogger("normbench")
 
 
-def _job_config(root: DictConfig) -> dict[str, Any]:
+def job_config(root: DictConfig) -> dict[str, Any]:
     # the job's config without the hydra node (which holds the interpolations resolved here)
     job = OmegaConf.masked_copy(root, [k for k in root if k != "hydra"])
     return OmegaConf.to_container(job, resolve=True)
@@ -62,14 +62,14 @@ def _refuse_folder_names(job: dict[str, Any]) -> None:
 
 def _experiment_folder_resolver(*, _root_: DictConfig) -> str:
     # hydra.sweep.dir, and hydra.run.dir's start: <out_root>/<experiment_name>
-    job = _job_config(_root_)
+    job = job_config(_root_)
     _refuse_folder_names(job)
     return f"{job['out_root']}/{job['experiment_name']}"
 
 
 def _run_name_resolver(*, _root_: DictConfig) -> str:
     # Resolved for hydra.run.dir / hydra.sweep.subdir: hash the job's config.
-    job = _job_config(_root_)
+    job = job_config(_root_)
     _refuse_folder_names(job)
     return run_name(job)
 

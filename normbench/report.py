@@ -397,7 +397,7 @@ def _natural(text: str) -> tuple:
         return (1, 0.0, text)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
 
@@ -425,8 +425,8 @@ def cost_lines(runs: pd.DataFrame) -> list[str]:
         return []
     wall = runs["wall_time"].dropna().astype(float)
     lines = [f"- training wall time (epochs and evaluation, per run's own clock): "
-             f"{_duration(wall.sum())} summed over {len(wall)} runs, median "
-             f"{_duration(wall.median())} per run"]
+             f"{format_duration(wall.sum())} summed over {len(wall)} runs, median "
+             f"{format_duration(wall.median())} per run"]
     if "images_per_second" in runs.columns and runs["images_per_second"].notna().any():
         lines.append(f"- median training throughput: "
                      f"{runs['images_per_second'].dropna().median():.0f} images/s per run")
@@ -434,7 +434,7 @@ def cost_lines(runs: pd.DataFrame) -> list[str]:
     if span is not None:
         start, end = span
         stamp = "%Y-%m-%d %H:%M UTC"
-        lines.append(f"- from the first launch to the last record: {_duration(end - start)} "
+        lines.append(f"- from the first launch to the last record: {format_duration(end - start)} "
                      f"({datetime.fromtimestamp(start, timezone.utc):{stamp}} to "
                      f"{datetime.fromtimestamp(end, timezone.utc):{stamp}}; runs in parallel "
                      f"overlap, relaunches add their gaps)")

@@ -67,6 +67,7 @@ def plan_cell(job: list[str]) -> Cell:
 
     from normbench.archive import archive_folder, archived_summary
     from normbench.config import ConfigError, config_differences, parse_config
+    from normbench.hydra_main import job_config
     from normbench.records import FINISHED, RecordsError, RunFolder, folder_in_use
 
     root = hydra.compose(config_name="config", overrides=job, return_hydra_config=True)
@@ -74,8 +75,6 @@ def plan_cell(job: list[str]) -> Cell:
     # that take the run folder's lock (normbench.hydra_callbacks.if_run_folder_held).
     folder = RunFolder(Path(str(OmegaConf.select(root, "hydra.sweep.dir")))
                        / str(OmegaConf.select(root, "hydra.sweep.subdir")))
-    job_config = OmegaConf.to_container(
-        OmegaConf.masked_copy(root, [key for key in root if key != "hydra"]), resolve=True)
 
     def cell(state: str, detail: str = "", where: Path = folder.path,
              summary: dict[str, Any] | None = None) -> Cell:
@@ -83,7 +82,7 @@ def plan_cell(job: list[str]) -> Cell:
                     None if summary is None else summary.get("wall_time"))
 
     try:
-        cfg = parse_config(job_config)
+        cfg = parse_config(job_config(root))
     except ConfigError as error:
         return cell(REFUSED, str(error))
     try:
@@ -118,12 +117,9 @@ def _finished_detail(summary: dict[str, Any]) -> str:
     return f"{summary['status']}, median-of-5 error {shown}"
 
 
-def _hours(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
-
-
 def format_plan(cells: list[Cell], command: str) -> str:
+    from normbench.report import format_duration
+
     width = max(len(cell.folder) for cell in cells)
     lines = [f"{len(cells)} cells of `{command}`:", ""]
     for cell in cells:
@@ -137,9 +133,9 @@ def format_plan(cells: list[Cell], command: str) -> str:
                   f"{counts[TO_TRAIN]} to train from the start, {counts[REFUSED]} refused."]
     times = [cell.wall_time for cell in cells if cell.wall_time is not None]
     if times:
-        low, high = _hours(min(times)), _hours(max(times))
+        low, high = format_duration(min(times)), format_duration(max(times))
         each = low if low == high else f"{low} to {high}"
-        lines.append(f"The finished runs took {each} each ({_hours(sum(times))} in all, as their "
+        lines.append(f"The finished runs took {each} each ({format_duration(sum(times))} in all, as their "
                      "summaries record).")
     return "\n".join(lines)
 
