@@ -57,9 +57,12 @@ def bench(args: list[str], prog: str) -> int:
         return 2
     spec = importlib.util.spec_from_file_location("normbench_bench_script", script)
     module = importlib.util.module_from_spec(spec)
-    sys.argv = [prog, *args]  # the benchmark records its command line
-    spec.loader.exec_module(module)
-    return module.main(args)
+    saved_argv, sys.argv = sys.argv, [prog, *args]  # the benchmark records its command line
+    try:
+        spec.loader.exec_module(module)
+        return module.main(args)
+    finally:
+        sys.argv = saved_argv
 
 
 SUBCOMMANDS = {

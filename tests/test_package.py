@@ -130,6 +130,17 @@ def test_every_argparse_subcommand_has_help_under_its_own_name(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: normbench {name} ")
 
 
+def test_bench_subcommand_loads_the_checkouts_benchmark(capsys):
+    # `normbench bench` loads scripts/bench.py by its path, so the script must find its own
+    # package (scripts/benchkit) without scripts/ being on sys.path
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: normbench bench ")
+    assert "--items" in out
+
+
 def test_a_config_dir_of_ones_own_adds_experiments_and_options(tmp_path):
     mine = tmp_path / "my_conf"
     (mine / "experiment").mkdir(parents=True)
