@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 help:
 	@echo "make demo       the demo sweep (synthetic data, CPU, < 10 min) and its report in results/demo"
-	@echo "make cifar10    the converged real-CIFAR-10 reproduction (hours; resumable: each finished run is"
+	@echo "make cifar10    the 30-epoch real-CIFAR-10 reproduction (hours; resumable: each finished run is"
 	@echo "                committed under results/cifar10/runs and skipped by a relaunch) -> results/cifar10"
 	@echo "make cifar10-plan    which cells of make cifar10 are committed, running, to train (does none)"
 	@echo "make cifar10-report  the report of results/cifar10 from its committed records alone"

@@ -282,7 +282,7 @@ class ChunkBatchNorm(torch.autograd.Function):
 # the whole input, where the kernel reads bf16 and accumulates in fp32), and ``folded``'s
 # copies cost several times the kernel in channels_last. On CUDA ``folded``: one kernel
 # instead of W launches per layer, where launches dominate small batches; not measured yet
-# (``make gpu-check`` times the three against each other, item 6).
+# (``make gpu-check`` times the three against each other, bench item 2 on the GPU).
 CHUNKED_BN_VARIANTS = ("per_worker", "folded", "hand_written")
 # {device type: {layout of the input: variant}}; devices not named here use the CPU's
 CHUNKED_BN_DEFAULT = {"cpu": {"nchw": "per_worker", "channels_last": "per_worker"},

@@ -569,7 +569,7 @@ def test_root_that_is_a_file_is_called_a_file(tmp_path: Path) -> None:
 
 
 def test_missing_root_or_train_folder_says_how_to_prepare(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"prepare_data\.py") as error:
+    with pytest.raises(DatasetError, match=r"normbench prepare-data ARCHIVE --dest") as error:
         loaders(folder_config(tmp_path / "absent"))
     assert str(tmp_path / "absent") in str(error.value)
     (tmp_path / "empty" / "test").mkdir(parents=True)

@@ -148,8 +148,8 @@ def torchvision_cifar(dataset_class: type, root: Path, *, train: bool, download:
     how_to_get_it = (
         f"download {dataset_class.url} and unpack it there"
         + ("" if download else ", set dataset.download=true")
-        + ", or train on an image folder instead (dataset=imagefolder; python "
-        "scripts/prepare_data.py unpacks ../shared/data/cifar10-jpeg.tar.gz into its default root)"
+        + ", or train on an image folder instead (dataset=imagefolder; `normbench prepare-data "
+        "../shared/data/cifar10-jpeg.tar.gz` unpacks it into its default root)"
     )
     expected = root / dataset_class.base_folder
     missing = f"{dataset_class.__name__} files not found under {root} (expected {expected})"
@@ -186,7 +186,7 @@ class ImageFolderLayout:
 
 def _prepare_advice(root: Path) -> str:
     return (
-        f"prepare it with: python scripts/prepare_data.py ARCHIVE --dest {root} "
+        f"prepare it with: normbench prepare-data ARCHIVE --dest {root} "
         "(e.g. ARCHIVE = ../shared/data/cifar10-jpeg.tar.gz), or point dataset.root at a folder "
         "holding train/ and val/ or test/, each with one sub-folder per class"
     )
@@ -233,7 +233,7 @@ def image_folder_layout(dataset: Mapping[str, Any]) -> ImageFolderLayout:
     if root.exists() and not root.is_dir():
         raise DatasetError(
             f"dataset.root={root} is a file, not a folder; {_prepare_advice(root)} (an archive "
-            "is unpacked with scripts/prepare_data.py, not read in place)"
+            "is unpacked with `normbench prepare-data`, not read in place)"
         )
     if not root.is_dir():
         raise DatasetError(f"image folder root {root} does not exist; {_prepare_advice(root)}")
