@@ -71,11 +71,15 @@ def test_bf16_detection_reads_the_cpu_flags(monkeypatch):
     assert machine.cpu_has_bf16()
 
 
-def test_the_summary_records_what_auto_chose():
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_the_summary_records_what_auto_chose(monkeypatch, has_bf16, expected):
+    # both branches on every machine: the CPU's answer is replaced (bf16 autocast also runs,
+    # slowly, on a CPU without bf16 units)
+    monkeypatch.setattr("normbench.train.cpu_has_bf16", lambda: has_bf16)
     trainer = Trainer(compose_config(STEPS + ["precision=auto"]), folder=None)
+    assert trainer.amp_dtype == (torch.bfloat16 if has_bf16 else None)
     trainer.train_epoch()
     summary = trainer.summary("failed")  # (no epoch recorded: not a finished run)
-    expected = "bf16" if machine.cpu_has_bf16() else "fp32"
     assert summary["precision"] == expected
     assert summary["channels_last"] == (trainer.memory_format == torch.channels_last)
     assert summary["machine"]["cpu"] == machine.cpu_model()
