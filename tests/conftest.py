@@ -61,6 +61,18 @@ def run_two_processes(fn, *args, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture
+def wandb_in_tmp(tmp_path, monkeypatch):
+    """W&B's own settings, cache and logs in the test's folder, never the user's."""
+    for variable, folder in (("WANDB_DIR", "wandb_dir"), ("WANDB_CACHE_DIR", "wandb_cache"),
+                             ("WANDB_CONFIG_DIR", "wandb_config"),
+                             ("WANDB_DATA_DIR", "wandb_data")):
+        monkeypatch.setenv(variable, str(tmp_path / folder))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+
+
+@pytest.fixture
 def shared_cifar() -> Path:
     if not SHARED_CIFAR.exists():
         pytest.skip(f"real CIFAR-10 archive not found at {SHARED_CIFAR} (only on the project's "

@@ -167,9 +167,9 @@ def test_format_cell():
     assert report.format_cell(None) == "–"
 
 
-def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkeypatch):
+def test_cli_writes_report_logs_to_wandb_and_says_where(tmp_path, capsys, monkeypatch,
+                                                        wandb_in_tmp):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     spec = importlib.util.spec_from_file_location("report_cli", REPO / "scripts" / "report.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

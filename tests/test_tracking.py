@@ -16,15 +16,8 @@ from normbench.config import parse_config, run_name  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def wandb_in_tmp(tmp_path, monkeypatch):
-    """W&B's own settings, cache and logs in the test's folder, never the user's."""
-    for variable, folder in (("WANDB_DIR", "wandb_dir"), ("WANDB_CACHE_DIR", "wandb_cache"),
-                             ("WANDB_CONFIG_DIR", "wandb_config"),
-                             ("WANDB_DATA_DIR", "wandb_data")):
-        monkeypatch.setenv(variable, str(tmp_path / folder))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+def _wandb_here(wandb_in_tmp):
+    """Every test of this file keeps W&B's files in its own folder (conftest.wandb_in_tmp)."""
 
 
 def offline_runs(folder: Path) -> list[dict]:
