@@ -68,6 +68,21 @@ def test_archive_commit_commits_only_the_archived_run(tmp_path, monkeypatch):
     assert "work.txt" in git("diff", "--cached", "--name-only")  # still staged, not lost
 
 
+def test_a_failed_archive_commit_keeps_the_run_and_its_records(tmp_path, caplog):
+    # outside a git repository the commit fails: the run still completes, its records stay
+    # archived on disk (the next finished run's commit takes them along), and a warning says why
+    assert subprocess.run(["git", "-C", str(tmp_path), "rev-parse"],
+                          capture_output=True).returncode != 0  # not inside a repository
+    cfg = tiny_config(tmp_path, "archive_commit=true")
+    with caplog.at_level("WARNING", logger="normbench.archive"):
+        result = run(cfg, tmp_path / "runs" / run_name(cfg))
+    assert result["status"] == "completed"
+    archived = tmp_path / "results" / "runs" / run_name(cfg)
+    assert (archived / "summary.json").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("could not commit" in w and str(archived) in w for w in warnings), warnings
+
+
 def test_a_sweep_records_each_archived_run_s_command_and_the_report_shows_them(tmp_path):
     # The archive's report shows how its runs were made, also on a fresh clone, where the
     # sweep folder's command.txt is gone: each archived run adds the command that trains it.

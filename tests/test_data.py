@@ -850,6 +850,28 @@ def test_prepare_data_script_unpacks_a_slice(tmp_path: Path, capsys: pytest.Capt
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_prepare_data_defaults_put_the_shared_archive_where_imagefolder_reads(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `make cifar10` runs `normbench prepare-data` with no arguments: the archive beside the
+    # checkout, unpacked into dataset.root of conf/dataset/imagefolder.yaml
+    from normbench.commands import prepare_data
+
+    assert prepare_data.default_archive() == REPO.parent / "shared/data/cifar10-jpeg.tar.gz"
+    root = prepare_data.default_image_folder_root()
+    assert root.name == "cifar10-jpeg" and "~" not in str(root)
+    assert prepare_data.default_dest(Path("anywhere/cifar10-jpeg.tar.gz")) == root
+    assert prepare_data.default_dest(Path("pets.tgz")) == root.parent / "pets"
+    for name in ("x.tar.gz", "x.tgz", "x.tar.bz2", "x.tar.xz", "x.tar"):
+        assert prepare_data.archive_stem(Path(name)) == "x"
+    # an archive that is not one: one line, exit 1, nothing unpacked
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"not a tar archive")
+    assert prepare_data.main([str(bad), "--dest", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err
+    assert not (tmp_path / "out" / "train").exists()
+
+
 @pytest.mark.skipif(
     not CIFAR_JPEG.is_file(), reason=f"shared CIFAR-10 JPEG archive not found at {CIFAR_JPEG}"
 )

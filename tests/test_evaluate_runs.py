@@ -35,3 +35,30 @@ def test_reevaluation_reproduces_the_records_of_the_last_epoch(tmp_path, capsys)
     only = tmp_path / "out" / "bn_only.csv"
     assert load_script().main([str(tmp_path / "ev"), "--out", str(only), "--batch-dependent-only"]) == 0
     assert pd.read_csv(only)["norm"].tolist() == ["bn"]
+
+
+def test_an_experiment_without_checkpoints_is_exit_1_and_says_so(tmp_path, capsys):
+    # the committed records of a finished run: config, metrics, summary, no checkpoint
+    import shutil
+
+    from normbench.commands import evaluate_runs
+
+    archived = sorted((ROOT / "results" / "cifar10" / "runs").glob("bn_b32x2_before_s0_*"))[0]
+    shutil.copytree(archived, tmp_path / "exp" / archived.name)
+    out = tmp_path / "again.csv"
+    assert evaluate_runs.main([str(tmp_path / "exp"), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert f"{archived.name}: skipped (no checkpoint)" in captured.out
+    assert f"no run folder with a checkpoint under {tmp_path / 'exp'}" in captured.err
+    assert not out.exists()
+
+
+def test_a_damaged_config_is_one_line_exit_2(tmp_path, capsys):
+    from normbench.commands import evaluate_runs
+
+    run = tmp_path / "exp" / "bn_b2x8_before_s0_00000000"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("norm: [unclosed\n")
+    assert evaluate_runs.main([str(tmp_path / "exp"), "--out", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(run / "config.yaml") in err and err.count("\n") == 1

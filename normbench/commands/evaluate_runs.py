@@ -36,6 +36,10 @@ def evaluate_run(run_dir: Path, threads: int, batch_dependent_only: bool = False
     cfg = folder.read_config()
     if cfg is None:
         raise RecordsError(f"{folder.config_path} does not exist")
+    if not (folder.checkpoint_path.exists() or folder.previous_checkpoint_path.exists()):
+        # nothing to evaluate, e.g. the archived records of results/*/runs (no checkpoints):
+        # passed over, where training would refuse a folder whose epochs lost their checkpoint
+        return None
     state = folder.load_checkpoint(run_key(cfg))  # refuses a checkpoint of another config
     if state is None:
         return None
