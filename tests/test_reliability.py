@@ -249,6 +249,24 @@ def test_read_only_run_folder_is_refused_before_training(tmp_path, monkeypatch):
         run(compose_config(SMALL), target)
 
 
+def test_permission_denied_is_refused_before_training_even_as_root(tmp_path, monkeypatch):
+    # the test above cannot run as root (root writes anyway), which the project's machines
+    # are: here the operating system's refusal is simulated where the folder is made
+    target = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    monkeypatch.setattr("normbench.train.Trainer", lambda *a: pytest.fail("training started"))
+    with pytest.raises(RecordsError, match=re.escape(f"run folder {target} cannot be written: "
+                                                     f"[Errno 13] Permission denied")):
+        run(compose_config(SMALL), target)
+    assert not target.exists()
+
+
 def test_unwritable_out_root_on_the_command_line_names_the_path(tmp_path):
     (tmp_path / "afile").write_text("")
     out_root = tmp_path / "afile" / "runs"
