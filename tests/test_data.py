@@ -892,6 +892,61 @@ def test_real_cifar10_jpeg_archive(tmp_path: Path) -> None:
     assert abs(x.mean().item()) < 0.5 and 0.5 < x.std().item() < 1.5  # CIFAR mean/std fit
 
 
+def write_torchvision_cifar10(root: Path, per_batch: int, test_size: int) -> np.ndarray:
+    """CIFAR-10 in torchvision's python format (data_batch_1..5, test_batch, batches.meta: rows
+    of 3,072 bytes, channel-major), random pixels; returns the test images as (N, 3, 32, 32)."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        count = test_size if name == "test_batch" else per_batch
+        pixels = rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8)
+        entry = {"data": pixels, "labels": [int(i % 10) for i in range(count)]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CIFAR10_CLASSES)}))
+    return pixels.reshape(-1, 3, 32, 32)
+
+
+def test_torchvision_cifar10_files_become_the_tensors_the_loaders_serve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dataset=cifar10 reads torchvision's files (HWC after torchvision) into CHW uint8 tensors;
+    # the files written here are not the real ones, so torchvision's checksums are waived
+    import torchvision.datasets.cifar
+
+    test_images = write_torchvision_cifar10(tmp_path / "cifar", per_batch=8, test_size=30)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    config = dataset_config("cifar10", root=str(tmp_path / "cifar"), download=False)
+    train, test, info = loaders(config, global_batch=8, eval_batch=30)
+    assert (info.num_train, info.num_test, info.num_classes) == (40, 30, 10)
+    assert info.classes == CIFAR10_CLASSES
+    (images, labels), = list(test)
+    order = data.batches.eval_order(30)  # the test set's fixed evaluation order
+    assert labels.tolist() == [int(i) % 10 for i in order]
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(test_images).float()[order] / 255
+    torch.testing.assert_close(images, (pixels - mean) / std)
+
+
+def test_a_failed_cifar10_download_says_what_to_do(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    root = tmp_path / "no-cifar"
+    with pytest.raises(DatasetError, match="and the download failed") as error:
+        loaders(dataset_config("cifar10", root=str(root), download=True))
+    message = str(error.value)
+    assert "no network" in message and str(root) in message and "prepare-data" in message
+
+
 def test_cifar10_without_files_names_the_path(tmp_path: Path) -> None:
     root = tmp_path / "no-cifar"
     with pytest.raises(DatasetError, match="cifar-10-batches-py") as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import warnings
@@ -371,6 +372,7 @@ def test_report_shows_whether_training_converged(cifar_report):
             assert report.format_cell(cell) in text, (metric, cell["norm"], cell["batch"])
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_report_commit_is_dirty_for_edited_code_not_for_edited_results(tmp_path):
     # Committed reports are regenerated beside edited NOTES.md and before their own files are
     # committed; "-dirty" must flag code that differs from the commit, not that.
