@@ -526,6 +526,15 @@ class RunFolder:
         elif self.checkpoint_path.exists():
             os.replace(self.checkpoint_path, self.previous_checkpoint_path)
 
+    def check_resumable(self) -> None:
+        """RecordsError when metrics.jsonl holds finished epochs but no checkpoint is left: the
+        run can neither resume nor start over without overwriting its records."""
+        has_checkpoint = self.checkpoint_path.exists() or self.previous_checkpoint_path.exists()
+        if not has_checkpoint and (_read_text(self.metrics_path) or "").strip():
+            raise RecordsError(f"{self.metrics_path} holds finished epochs but the run folder has "
+                               f"no checkpoint ({CHECKPOINT_FILE}, {PREVIOUS_CHECKPOINT_FILE}) to "
+                               f"resume from; delete the run folder to start this run over")
+
     def load_checkpoint(self, run_key: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The newest readable checkpoint, or None when the run has none yet.
 
@@ -534,12 +543,9 @@ class RunFolder:
         epochs but no checkpoint is left, the run refuses rather than start over and overwrite
         its records. With ``run_key``, a checkpoint saved by a run of another config is refused
         (a folder reused after its config.yaml was deleted)."""
+        self.check_resumable()
         candidates = [p for p in (self.checkpoint_path, self.previous_checkpoint_path)
                       if p.exists()]
-        if not candidates and (_read_text(self.metrics_path) or "").strip():
-            raise RecordsError(f"{self.metrics_path} holds finished epochs but the run folder has "
-                               f"no checkpoint ({CHECKPOINT_FILE}, {PREVIOUS_CHECKPOINT_FILE}) to "
-                               f"resume from; delete the run folder to start this run over")
         problems = []
         for path in candidates:
             try:

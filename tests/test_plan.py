@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import TINY, compose_config, run_cli
 
 from normbench import records
 from normbench.commands import plan
+from normbench.train import run as train_run
 
 
 def plan_of(capsys, overrides: list[str]) -> tuple[int, str]:
@@ -94,6 +97,13 @@ def test_plan_refuses_a_bad_value_by_name_and_a_failed_run_trains_again(tmp_path
     records.RunFolder(folder).write_summary({"status": "failed", "error": "RuntimeError: boom"})
     _, again = plan_of(capsys, [*common, "norm=gn8"])
     assert "to train" in again and "its last launch ended failed: RuntimeError: boom" in again
+
+    # epochs recorded but no checkpoint left: training refuses this folder, so the plan does
+    (folder / records.METRICS_FILE).write_text('{"epoch": 1}\n')
+    _, lost = plan_of(capsys, [*common, "norm=gn8"])
+    assert " refused " in lost and "holds finished epochs but the run folder has no checkpoint" in lost
+    with pytest.raises(records.RecordsError, match="holds finished epochs"):
+        train_run(compose_config([*common, "norm=gn8"]), folder)
 
 
 def test_plan_of_an_unknown_option_is_one_error_line(tmp_path, capsys):

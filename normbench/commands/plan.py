@@ -98,6 +98,7 @@ def plan_cell(job: list[str]) -> Cell:
         if archived is not None:
             return cell(FINISHED_HERE, _finished_detail(archived) + " (archived)", archive.path,
                         archived)
+        folder.check_resumable()  # as training will: epochs without a checkpoint are refused
         epochs = len(folder.read_metrics()) if folder.metrics_path.exists() else 0
     except RecordsError as error:
         return cell(REFUSED, str(error))
