@@ -31,6 +31,7 @@ from .models import (MODELS, PLACEMENTS, STEMS, build_model, check_norm_combinat
 from .fast_paths import CHANNELS_LAST_SETTINGS, COMPILE_MODES
 from .norms import (ACTIVATIONS, NORMS, NormConfigError, min_values_per_statistic, norm_options,
                     norm_spec)
+from .records import differing_keys
 
 PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -582,13 +583,4 @@ def run_name(cfg: Mapping[str, Any] | RunConfig) -> str:
 def config_differences(old: Mapping[str, Any] | RunConfig,
                        new: Mapping[str, Any] | RunConfig) -> list[str]:
     """Dotted keys whose values differ between two configs' run keys."""
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, Mapping):
-            out: dict[str, Any] = {}
-            for k, v in node.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: node}
-    a, b = flat(run_key(old)), flat(run_key(new))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
+    return differing_keys(run_key(old), run_key(new))

@@ -608,7 +608,9 @@ class RunFolder:
 
 
 def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested mappings."""
+    """Dotted keys whose values differ between two nested mappings. A key that one side lacks
+    counts as None there: a config key added after a run was recorded, whose default (None)
+    changes nothing, does not make that run another config's."""
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, Mapping):
             out: dict[str, Any] = {}
@@ -617,7 +619,7 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             return out
         return {prefix[:-1]: node}
     a, b = flat(old), flat(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 class OtherProcessRunFolder(RunFolder):

@@ -425,6 +425,24 @@ def test_checkpoint_of_another_config_is_refused_beside_this_config(folder):
     assert checkpoint_epoch(folder / "checkpoint.pt") == 1  # kept
 
 
+@pytest.mark.parametrize("value", [None, 3])
+def test_checkpoint_run_key_compares_like_config_yaml(folder, value):
+    # A key that only one side has counts as None, for the checkpoint's run key as for
+    # config.yaml: a config key that is None in one normbench version and absent in another
+    # names the same run; any other value names another run.
+    killed_during_epoch_2(folder)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    stored = {**state["run_key"], "retired_option": value}
+    torch.save({**state, "run_key": stored}, folder / "checkpoint.pt")
+    if value is None:
+        assert run(compose_config(SMALL), folder)["outcome"] == "resumed"
+    else:
+        with pytest.raises(RecordsError, match=re.escape(
+                f"checkpoint {folder / 'checkpoint.pt'} was saved by a run of another config "
+                f"(keys: retired_option)")):
+            run(compose_config(SMALL), folder)
+
+
 def test_checkpoint_without_its_config_that_does_not_name_its_run_is_refused(folder):
     killed_during_epoch_2(folder)
     without_entries(folder / "checkpoint.pt", "run_key")  # saved before checkpoints named their run
