@@ -46,6 +46,29 @@ def run_cli(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 
     return result
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint file was saved after."""
+    import torch
+    return torch.load(path, weights_only=True)["epoch"]
+
+
+def kill_after_first_epoch(process: subprocess.Popen, folder: Path, kill) -> int:
+    """Wait until the run in ``folder`` has recorded its first epoch, kill it with ``kill()``
+    (no clean-up) and return the epoch its newest checkpoint holds, which is where a relaunch
+    resumes. Read from the checkpoint, not from metrics.jsonl: the trainer saves the
+    checkpoint before it appends the epoch's metrics, so a kill between the two leaves one
+    more epoch in the checkpoint than in the metrics."""
+    deadline = time.time() + 120
+    metrics = folder / "metrics.jsonl"
+    while not metrics.exists() or not metrics.read_text():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "the run recorded no epoch within 120 s"
+        time.sleep(0.02)
+    kill()
+    process.wait()
+    return checkpoint_epoch(folder / "checkpoint.pt")
+
+
 def run_two_processes(fn, *args, timeout: float = 120.0) -> None:
     """Run ``fn(rank, 2, *args)`` in two spawned processes (e.g. a gloo process group) and fail
     the test, killing both, if they do not finish within ``timeout`` seconds."""

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, compose_config, run_cli, run_two_processes
+from conftest import ROOT, compose_config, kill_after_first_epoch, run_cli, run_two_processes
 from normbench import distributed
 from normbench.config import ConfigError, parse_config, run_name
 from normbench.train import Trainer
@@ -239,14 +238,9 @@ def test_torchrun_run_is_stopped_resumes_and_ends_like_one_process(tmp_path):
     folder = out / "default" / run_name(compose_config(E2E))
     process = subprocess.Popen(torchrun_command(E2E + [f"out_root={out}"]), cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (folder / "metrics.jsonl").exists() or not (folder / "metrics.jsonl").read_text():
-        assert process.poll() is None, "the run ended before it could be stopped"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    kill_with_children(process.pid)  # torchrun and both processes, no clean-up
-    process.wait()
-    done_before_kill = len(read_metrics(folder))
+    # torchrun and both processes, no clean-up
+    done_before_kill = kill_after_first_epoch(process, folder,
+                                              lambda: kill_with_children(process.pid))
     assert 1 <= done_before_kill < 4 and not (folder / "summary.json").exists()
 
     result = torchrun(E2E + [f"out_root={out}"], cwd=tmp_path)

@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, TINY_RUN, compose_config, run_cli
+from conftest import ROOT, TINY, TINY_RUN, checkpoint_epoch, compose_config, run_cli
 from normbench import records
 from normbench.config import ConfigError, run_key, run_name, validate_config
 from normbench.records import RecordsError, RunFolder
@@ -61,10 +61,6 @@ def truncate(path: Path) -> None:
     """Keep the first half of the file: what a kill or a crash in the middle of a write leaves."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-
-
-def checkpoint_epoch(path: Path) -> int:
-    return torch.load(path, weights_only=True)["epoch"]
 
 
 @pytest.fixture(scope="module")
