@@ -66,8 +66,11 @@ def cpu_features() -> str:
 
 
 def gpu_model(device: torch.device | str | None = None) -> str | None:
-    """The CUDA device's name, or None without CUDA."""
+    """The CUDA device's name; None without CUDA or for a device that is not a CUDA device (a
+    run on the CPU of a machine that has a GPU ran on no GPU)."""
     if not torch.cuda.is_available():
+        return None
+    if device is not None and torch.device(device).type != "cuda":
         return None
     return torch.cuda.get_device_name(device)
 

@@ -71,6 +71,16 @@ def test_bf16_detection_reads_the_cpu_flags(monkeypatch):
     assert machine.cpu_has_bf16()
 
 
+def test_a_cpu_run_on_a_machine_with_a_gpu_records_no_gpu(monkeypatch):
+    # On a CUDA machine torch.cuda.get_device_name refuses a CPU device: a run with device=cpu
+    # there (the CPU tests, say) must record gpu None, not crash while writing its summary.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert machine.gpu_model(torch.device("cpu")) is None
+    assert machine.describe_machine("cpu")["gpu"] is None
+    assert machine.gpu_model("cuda") == machine.gpu_model() == "Some GPU"
+
+
 @pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_the_summary_records_what_auto_chose(monkeypatch, has_bf16, expected):
     # both branches on every machine: the CPU's answer is replaced (bf16 autocast also runs,
