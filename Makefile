@@ -7,7 +7,7 @@ NORMBENCH := $(VENV)/bin/normbench
 # that also runs on the CPU). Override on other machines, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo cifar10 cifar10-plan cifar10-grid cifar10-report cifar10-cpu test test-slow test-all report bench gpu-check clean
+.PHONY: help setup demo cifar10 cifar10-plan cifar10-grid cifar10-report cifar10-cpu test test-slow test-all report bench gpu-check gpu-bundle clean
 
 help:
 	@echo "make demo       the demo sweep (synthetic data, CPU, < 10 min) and its report in results/demo"
@@ -21,6 +21,7 @@ help:
 	@echo "make report EXP=<experiment>  report for runs/<experiment> into results/<experiment>"
 	@echo "make bench      the performance benchmark on this machine (results/bench)"
 	@echo "make gpu-check  on a CUDA machine: CUDA tests, the GPU bench rows, a short GPU sweep (< 8 min)"
+	@echo "make gpu-bundle wheels + data in .gpu/ for bash scripts/gpu_check.sh on an offline GPU machine"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,14 +53,18 @@ cifar10-plan: setup
 	@$(MAKE) --no-print-directory cifar10-grid CIFAR10_DO="$(NORMBENCH) plan $(CIFAR10_ARGS)"
 
 # The grid of the reproduction, one sweep a line, in the order it runs (CIFAR10_DO: the command
-# that takes each line's overrides).
+# that takes each line's overrides). A sweep with a failed cell exits 1 after its other cells;
+# the grid goes on to the next line all the same (hours of unattended compute are not stopped by
+# one cell) and exits 1 at the end.
 cifar10-grid:
-	$(CIFAR10_DO) seed=0 batch=32
-	$(CIFAR10_DO) seed=0 batch=2
-	$(CIFAR10_DO) seed=0 batch=16,8,4
-	$(CIFAR10_DO) seed=0 norm=ln,in batch=32,2
-	$(CIFAR10_DO) seed=0 placement=after batch=32,2
-	$(CIFAR10_DO) seed=1
+	status=0; \
+	$(CIFAR10_DO) seed=0 batch=32 || status=1; \
+	$(CIFAR10_DO) seed=0 batch=2 || status=1; \
+	$(CIFAR10_DO) seed=0 batch=16,8,4 || status=1; \
+	$(CIFAR10_DO) seed=0 norm=ln,in batch=32,2 || status=1; \
+	$(CIFAR10_DO) seed=0 placement=after batch=32,2 || status=1; \
+	$(CIFAR10_DO) seed=1 || status=1; \
+	exit $$status
 
 cifar10-report: setup
 	$(NORMBENCH) report results/cifar10/runs --out results/cifar10 --notes results/cifar10/NOTES.md
@@ -105,15 +110,21 @@ bench: setup
 # the CUDA tests (pytest -m cuda), the GPU bench rows (item 6: ResNet-50 224 px bf16 images/s,
 # bn and gn, eager and compiled, GN/BN, CUDA graphs at 2 x 8, per-worker BN implementations;
 # item 2 on the GPU) into results/bench/gpu, and a 2-epoch bn/gn x 32/2 sweep on real CIFAR-10
-# (experiments/cifar10_cpu.yaml on the GPU) into runs/gpu_check.
+# (experiments/cifar10_cpu.yaml on the GPU) into runs/gpu_check. scripts/gpu_check.sh does the
+# work; on a GPU machine that cannot fetch packages, see gpu-bundle.
 gpu-check: setup
-	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
-	  'make gpu-check: torch sees no CUDA device')"
-	$(PY) -m pytest -q -m cuda tests
-	$(PY) scripts/bench.py --device cuda --items 2,6 --gpu-sizes 224 --out results/bench/gpu
-	$(PY) scripts/prepare_data.py
-	$(PY) run.py -m experiment=cifar10_cpu device=cuda norm=bn,gn8 batch=32,2 epochs=2 \
-	  experiment_name=gpu_check
+	PY=$(PY) bash scripts/gpu_check.sh
+
+# What gpu_check.sh needs on a GPU machine whose python3 has torch but that cannot fetch packages
+# (the lent machines): the pure-Python wheels such images lack (hydra-core, omegaconf, antlr4;
+# the versions of .venv) and the CIFAR-10 archive, in .gpu/ (ignored by git; 20 MB). There:
+#   bash scripts/gpu_check.sh                 (REHEARSE=1 tries it on a CPU first)
+GPU_WHEELS ?= hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+gpu-bundle:
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir .gpu/wheels $(GPU_WHEELS)
+	cp ../shared/data/cifar10-jpeg.tar.gz .gpu/
+	@du -sh .gpu
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -63,8 +64,17 @@ def failure_reason(run_dir: Path) -> str:
     return summary.get("error") or summary["status"]
 
 
-def format_sweep_summary(sweep_dir: Path, sweep_id: str) -> str:
-    jobs = records.read_sweep_jobs(records.sweep_records_folder(sweep_dir, sweep_id))
+# Outcomes that make the sweep's exit status 1 (after every cell has had its turn): a run that
+# failed or whose process ended without reporting. Diverged is a result, not a failure; refused
+# means another launch holds the run; interrupted sweeps exit on the signal already.
+FAILING_OUTCOMES = (records.FAILED, records.UNREPORTED)
+
+
+def sweep_jobs(sweep_dir: Path, sweep_id: str) -> list[dict[str, Any]]:
+    return records.read_sweep_jobs(records.sweep_records_folder(sweep_dir, sweep_id))
+
+
+def format_sweep_summary(jobs: list[dict[str, Any]], sweep_dir: Path) -> str:
     counts = Counter(job["outcome"] for job in jobs)
     lines = [f"sweep {sweep_dir}: {len(jobs)} runs in this launch",
              "  " + "  ".join(f"{name} {counts.get(name, 0)}" for name in records.SWEEP_OUTCOMES)]
@@ -149,5 +159,15 @@ class SweepSummary(Callback):
         records.record_sweep_job(folder, number, run_dir, records.REFUSED, detail=detail)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if hasattr(self, "sweep_id"):
-            print(format_sweep_summary(Path(config.hydra.sweep.dir), self.sweep_id), flush=True)
+        if not hasattr(self, "sweep_id"):
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sweep_jobs(sweep_dir, self.sweep_id)
+        print(format_sweep_summary(jobs, sweep_dir), flush=True)
+        failing = sum(job["outcome"] in FAILING_OUTCOMES for job in jobs)
+        if failing:
+            # Every cell had its turn; the exit status tells scripts (make, CI, a job chain)
+            # that the sweep's results are incomplete.
+            print(f"sweep {sweep_dir}: {failing} of {len(jobs)} runs failed (listed above); "
+                  f"exit status 1", flush=True)
+            sys.exit(1)

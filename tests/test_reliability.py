@@ -170,14 +170,20 @@ def test_a_launch_record_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path)
 # ---- divergence -------------------------------------------------------------------------------
 def test_sweep_goes_on_after_a_diverged_cell(tmp_path):
     # lr 1e6 makes the loss NaN within a few steps at batch 4; the next cell (batch=1, refused
-    # for BN) still runs, and the sweep ends with exit status 0
+    # for BN) still runs, and the sweep ends with exit status 1 for the failed cell alone: a
+    # diverged run is a result (the relaunch skips it), and a sweep of it alone exits 0
     sweep = ["-m", *SMALL, "epochs=1", "batch=4,1", "optim.lr_per_256=1e6",
              "optim.milestones=[0.9]", f"out_root={tmp_path}"]
-    result = run_cli(sweep, cwd=tmp_path)
+    result = run_cli(sweep, cwd=tmp_path, check=False)
+    assert result.returncode == 1
     assert re.search(r"trained 0 +resumed 0 +skipped 0 +diverged 1 +failed 1", result.stdout)
+    assert "1 of 2 runs failed" in result.stdout
     statuses = {p.parent.name.split("_")[1]: json.loads(p.read_text())["status"]
                 for p in tmp_path.glob("default/*/summary.json")}
     assert statuses == {"b4x4": "diverged", "b1x4": "failed"}
+    diverged_only = run_cli([arg for arg in sweep if arg != "batch=4,1"] + ["batch=4"],
+                            cwd=tmp_path)
+    assert re.search(r"skipped 1 +diverged 0 +failed 0", diverged_only.stdout)
 
 
 # ---- the folder cannot be written -------------------------------------------------------------

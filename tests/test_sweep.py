@@ -19,8 +19,11 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     # bn at batch 1 is refused (BN needs 2 images per worker): that cell fails, the rest run.
     sweep = ["-m", *TINY, "epochs=1", "experiment_name=sweeptest", "norm=bn,gn8", "batch=8,1",
              f"out_root={tmp_path / 'runs'}"]
-    first = run_cli(sweep, cwd=tmp_path)
+    first = run_cli(sweep, cwd=tmp_path, check=False)
     output = first.stdout + first.stderr
+    # every cell had its turn, and the exit status says that one failed
+    assert first.returncode == 1, output
+    assert re.search(r"sweep \S+: 1 of 4 runs failed \(listed above\); exit status 1", output)
     assert outcome_counts(output) == {"trained": 3, "resumed": 0, "skipped": 0, "diverged": 0,
                                       "failed": 1, "interrupted": 0, "refused": 0,
                                       "unreported": 0}
@@ -32,7 +35,9 @@ def test_sweep_runs_relaunches_survives_a_failing_cell_and_reports(tmp_path):
     assert sorted(s["status"] for s in summaries.values()) == ["completed"] * 3 + ["failed"]
     assert "experiment_name=sweeptest" in (experiment / "command.txt").read_text()
 
-    second = run_cli(sweep, cwd=tmp_path)  # the same command again: nothing is trained
+    # the same command again: nothing is trained, and the refused cell fails again
+    second = run_cli(sweep, cwd=tmp_path, check=False)
+    assert second.returncode == 1
     assert outcome_counts(second.stdout + second.stderr)["trained"] == 0
     assert outcome_counts(second.stdout + second.stderr)["skipped"] == 3
 
