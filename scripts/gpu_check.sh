@@ -16,7 +16,8 @@
 #   STAGES      which stages to run (default "tests bench sweep")
 #   REHEARSE=1  run every stage on the CPU at toy sizes, to check the set-up without a GPU (the
 #               CUDA tests skip themselves; the bench runs item 2 in --quick mode; the sweep trains
-#               2 epochs on 40 images per class). Nothing it prints is a GPU figure.
+#               2 epochs on 40 images per class), writing under REHEARSAL_DIR (default
+#               /tmp/gpu_check_rehearsal). Nothing it prints is a GPU figure.
 # Each stage prints its start time and duration; the script stops at the first stage that fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,15 @@ PY=${PY:-python3}
 STAGES=${STAGES:-tests bench sweep}
 GPU_MODES=${GPU_MODES:-eager,compiled}
 REHEARSE=${REHEARSE:-0}
+REHEARSAL_DIR=${REHEARSAL_DIR:-/tmp/gpu_check_rehearsal}
 BUNDLE=$ROOT/.gpu
+for name in $STAGES; do
+    case $name in
+    tests|bench|sweep) ;;
+    *) echo "gpu_check: unknown stage '$name' in STAGES; the stages are: tests bench sweep" >&2
+       exit 2 ;;
+    esac
+done
 
 stage() { echo; echo "== $(date -u +%H:%M:%S) gpu_check: $*"; }
 
@@ -69,9 +78,9 @@ for name in $STAGES; do
         ;;
     bench)
         if [ "$REHEARSE" = 1 ]; then
-            stage "bench item 2, --quick on the CPU (rehearsal) into /tmp/gpu_check_bench"
+            stage "bench item 2, --quick on the CPU (rehearsal) into $REHEARSAL_DIR/bench"
             "$PY" scripts/bench.py --device cpu --quick --items 2 --threads 1 \
-                --out /tmp/gpu_check_bench
+                --out "$REHEARSAL_DIR/bench"
         else
             stage "bench items 2 and 6 ($GPU_MODES) into results/bench/gpu"
             "$PY" scripts/bench.py --device cuda --items 2,6 --gpu-sizes 224 \
@@ -87,16 +96,12 @@ for name in $STAGES; do
             stage "a 2-epoch bn/gn8 x 32/2 sweep on 40 images per class, CPU (rehearsal)"
             "$PY" run.py -m experiment=cifar10_cpu device=cpu norm=bn,gn8 batch=32,2 epochs=2 \
                 dataset.max_per_class=40 dataset.max_test_per_class=20 threads=1 \
-                wandb.mode=$WANDB out_root=/tmp/gpu_check_runs experiment_name=gpu_check
+                wandb.mode=$WANDB out_root="$REHEARSAL_DIR/runs" experiment_name=gpu_check
         else
             stage "a 2-epoch bn/gn8 x 32/2 sweep of experiments/cifar10_cpu.yaml on the GPU"
             "$PY" run.py -m experiment=cifar10_cpu device=cuda norm=bn,gn8 batch=32,2 epochs=2 \
                 wandb.mode=$WANDB experiment_name=gpu_check
         fi
-        ;;
-    *)
-        echo "gpu_check: unknown stage '$name' in STAGES; the stages are: tests bench sweep" >&2
-        exit 2
         ;;
     esac
     echo "== gpu_check: $name took $((SECONDS - start)) s"
