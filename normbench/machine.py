@@ -58,6 +58,12 @@ def cpu_has_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
+def cuda_has_bf16() -> bool:
+    """Whether the CUDA device computes bf16 natively (compute capability 8.0 and up: A100,
+    H100, ...); older GPUs only emulate it, slower than fp32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def cpu_features() -> str:
     """The flags that decide the CPU fast paths, e.g. 'avx2 avx512f avx512_bf16 amx_bf16', and
     torch's own view of the vector unit (``torch.backends.cpu.get_cpu_capability``)."""
@@ -102,4 +108,5 @@ def _available_cpus() -> set[int]:
 
 
 __all__ = ["BF16_CPU_FLAGS", "cpu_features", "cpu_flags", "cpu_has_bf16", "cpu_model",
+           "cuda_has_bf16",
            "describe_machine", "gpu_model", "package_versions"]

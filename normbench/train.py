@@ -41,7 +41,7 @@ from .distributed import (average_over_processes, average_running_statistics,
                           world_size)
 from .evaluation import evaluate_epoch
 from .fast_paths import use_channels_last
-from .machine import cpu_features, cpu_has_bf16, describe_machine
+from .machine import cpu_features, cpu_has_bf16, cuda_has_bf16, describe_machine
 from .norms import set_total_steps
 from .records import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RESUMED, RUN_KEY_ENTRY,
                       SKIPPED, TRAINED, OtherProcessRunFolder, RecordsError, RunFolder,
@@ -75,13 +75,14 @@ def select_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype a run uses, or None for full precision.
 
-    ``bf16``: bf16 autocast. ``auto``: bf16 where the hardware computes it natively (CUDA, and
-    CPUs with AVX512-BF16 or AMX: :func:`normbench.machine.cpu_has_bf16`), fp32 elsewhere (on a
-    CPU without bf16 units, bf16 is emulated and slower than fp32). The norms keep their
-    statistics in fp32 under autocast (see :mod:`normbench.norms`)."""
+    ``bf16``: bf16 autocast. ``auto``: bf16 where the hardware computes it natively (GPUs of
+    compute capability 8.0 and up: :func:`normbench.machine.cuda_has_bf16`; CPUs with
+    AVX512-BF16 or AMX: :func:`normbench.machine.cpu_has_bf16`), fp32 elsewhere (where bf16 is
+    emulated it is slower than fp32). The norms keep their statistics in fp32 under autocast
+    (see :mod:`normbench.norms`)."""
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto" and (device.type == "cuda" or
+    if precision == "auto" and ((device.type == "cuda" and cuda_has_bf16()) or
                                 (device.type == "cpu" and cpu_has_bf16())):
         return torch.bfloat16
     return None

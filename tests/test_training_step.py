@@ -55,7 +55,11 @@ def test_a_non_finite_loss_is_reported_at_the_step_it_appeared():
 
 def test_precision_auto_is_bf16_exactly_where_the_hardware_has_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("normbench.train.cuda_has_bf16", lambda: True)  # A100, H100, ...
     assert autocast_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr("normbench.train.cuda_has_bf16", lambda: False)  # V100, T4: emulated
+    assert autocast_dtype("auto", cuda) is None
+    assert autocast_dtype("bf16", cuda) == torch.bfloat16  # asked for: given
     assert autocast_dtype("fp32", cuda) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     monkeypatch.setattr("normbench.train.cpu_has_bf16", lambda: True)
