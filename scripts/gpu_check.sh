@@ -49,8 +49,14 @@ export PYTHONUNBUFFERED=1
 
 if [ "$REHEARSE" = 1 ]; then
     DEVICE=cpu
+    # the sweep at toy sizes, outside the checkout
+    SWEEP_SIZE=(dataset.max_per_class=40 dataset.max_test_per_class=20 threads=1
+                "out_root=$REHEARSAL_DIR/runs")
+    SWEEP_WHAT="a 2-epoch bn/gn8 x 32/2 sweep on 40 images per class, CPU (rehearsal)"
 else
     DEVICE=cuda
+    SWEEP_SIZE=()
+    SWEEP_WHAT="a 2-epoch bn/gn8 x 32/2 sweep of experiments/cifar10_cpu.yaml on the GPU"
     "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
 'gpu_check: torch sees no CUDA device (REHEARSE=1 checks the set-up on the CPU)')"
 fi
@@ -92,16 +98,9 @@ for name in $STAGES; do
         [ -f "$archive" ] || archive=$ROOT/../shared/data/cifar10-jpeg.tar.gz
         stage "unpacking $archive"
         "$PY" scripts/prepare_data.py "$archive"
-        if [ "$REHEARSE" = 1 ]; then
-            stage "a 2-epoch bn/gn8 x 32/2 sweep on 40 images per class, CPU (rehearsal)"
-            "$PY" run.py -m experiment=cifar10_cpu device=cpu norm=bn,gn8 batch=32,2 epochs=2 \
-                dataset.max_per_class=40 dataset.max_test_per_class=20 threads=1 \
-                wandb.mode=$WANDB out_root="$REHEARSAL_DIR/runs" experiment_name=gpu_check
-        else
-            stage "a 2-epoch bn/gn8 x 32/2 sweep of experiments/cifar10_cpu.yaml on the GPU"
-            "$PY" run.py -m experiment=cifar10_cpu device=cuda norm=bn,gn8 batch=32,2 epochs=2 \
-                wandb.mode=$WANDB experiment_name=gpu_check
-        fi
+        stage "$SWEEP_WHAT"
+        "$PY" run.py -m experiment=cifar10_cpu device=$DEVICE norm=bn,gn8 batch=32,2 epochs=2 \
+            wandb.mode=$WANDB experiment_name=gpu_check ${SWEEP_SIZE[@]+"${SWEEP_SIZE[@]}"}
         ;;
     esac
     echo "== gpu_check: $name took $((SECONDS - start)) s"
